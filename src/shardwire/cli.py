@@ -1,0 +1,104 @@
+"""The `shardwire` command."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from . import __version__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="shardwire",
+        description="Shardwire: a PostgreSQL sharding proxy. Clients connect to it as to one "
+        "PostgreSQL server; it runs their statements on the shards behind it.")
+    parser.add_argument("--version", action="version", version=f"shardwire {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the proxy with a config file",
+                           description="Run the proxy until SIGINT or SIGTERM. SIGHUP (or "
+                           "RELOAD in the admin console) re-reads the config file.")
+    serve.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
+    serve.add_argument("--log-level", default="info",
+                       choices=["debug", "info", "warning", "error"])
+
+    check = sub.add_parser("check", help="validate a config file",
+                           description="Load and validate a config file; print the problems "
+                           "and exit 1 if there are any.")
+    check.add_argument("--config", required=True, metavar="FILE")
+
+    demo = sub.add_parser(
+        "demo", help="start local PostgreSQL shards, sample data and the proxy",
+        description="Start K local PostgreSQL servers (created in the data dir on first run, "
+        "reused after), load a sample schema and data, write DIR/shardwire.yaml and run the "
+        "proxy. Prints a line with 'ready' and the URL to connect to. Ctrl-C stops everything.")
+    demo.add_argument("--port", type=int, default=6432, help="the proxy's port (default 6432)")
+    demo.add_argument("--data-dir", default=".demo", metavar="DIR",
+                      help="where the servers' data and the config live (default .demo)")
+    demo.add_argument("--shards", type=int, default=2, metavar="K",
+                      help="how many shard servers (default 2)")
+    demo.add_argument("--log-level", default="warning",
+                      choices=["debug", "info", "warning", "error"])
+
+    args = parser.parse_args(argv)
+    if args.command == "check":
+        return _check(args.config)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "serve":
+        return _serve(args.config)
+    if args.command == "demo":
+        from .demo import run_demo
+        return run_demo(port=args.port, data_dir=args.data_dir, shards=args.shards)
+    return 2
+
+
+def _check(path: str) -> int:
+    from .config.load import ConfigError, load_config
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{path}: {e.strerror}", file=sys.stderr)
+        return 1
+    print(f"{path}: ok ({len(config.shards)} shards, {len(config.users)} users)")
+    return 0
+
+
+def _serve(path: str) -> int:
+    from .config.load import ConfigError, load_config
+    from .proxy.server import install_uvloop, run
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
+        for problem in e.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{path}: {e.strerror}", file=sys.stderr)
+        return 1
+    install_uvloop()
+
+    def ready(proxy: object) -> None:
+        port = getattr(proxy, "port", config.listen.port)
+        print(f"shardwire ready on {config.listen.host}:{port}", flush=True)
+
+    try:
+        asyncio.run(run(config, ready=ready))
+    except OSError as e:
+        print(f"cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The configuration as frozen dataclasses.
+
+Dicts live only at the YAML edge (`shardwire.config.load`); everything past it works with
+these types. Durations are seconds as floats.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class PoolMode(enum.Enum):
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class AuthMethod(enum.Enum):
+    SCRAM_SHA_256 = "scram-sha-256"
+    TRUST = "trust"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerAddress:
+    """One PostgreSQL server, parsed from a `postgresql://` connection string."""
+
+    host: str
+    port: int
+    database: str
+    user: str
+    password: str | None = None
+    sslmode: str = "disable"  # disable | prefer | require
+    dsn: str = ""  # the string as written, password masked, for SHOW SHARDS and errors
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    name: str
+    primary: ServerAddress
+    replicas: tuple[ServerAddress, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    name: str
+    # A SCRAM verifier in PostgreSQL's format: SCRAM-SHA-256$<iter>:<salt>$<stored>:<server>.
+    # A plaintext `password` from the file (usually `${ENV_VAR}`) is turned into one at load.
+    scram_verifier: str | None = None
+    admin: bool = False
+    pool_mode: PoolMode | None = None  # None: the pool's default mode
+
+
+@dataclass(frozen=True, slots=True)
+class Tls:
+    cert_file: str
+    key_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class Listen:
+    host: str = "127.0.0.1"
+    port: int = 6432
+    max_client_connections: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    size: int = 20  # server connections per shard server
+    mode: PoolMode = PoolMode.TRANSACTION
+    checkout_timeout: float = 5.0  # a client waiting longer for a server gets 57014
+    max_waiting_clients: int = 1000  # beyond this, new waiters get 53300 at once
+    connect_timeout: float = 5.0
+    idle_timeout: float = 600.0  # idle server connections older than this are closed
+    max_prepared_statements: int = 200  # per server connection (0 disables the tracking)
+    server_reset_query: str = "DISCARD ALL"  # run when a session-mode client leaves
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A whole Shardwire configuration."""
+
+    database: str  # the database name clients connect to
+    shards: dict[str, Shard]
+    default_shard: str
+    users: dict[str, User]
+    listen: Listen = field(default_factory=Listen)
+    tls: Tls | None = None
+    auth_method: AuthMethod = AuthMethod.SCRAM_SHA_256
+    pool: PoolSettings = field(default_factory=PoolSettings)
+    catalog: ServerAddress | None = None
+    admin_database: str = "shardwire"
+    path: str | None = None  # the file it was loaded from, for RELOAD

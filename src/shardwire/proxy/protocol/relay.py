@@ -1,0 +1,383 @@
+"""The pooling relay between one client and whichever server connection serves it.
+
+Pure: bytes in, bytes out. Two pieces:
+
+`ServerLink` belongs to one server connection for its whole life. It remembers what that
+connection has prepared and which session settings were applied to it, and filters the
+connection's replies: replies to messages the proxy injected (a Parse of a client's statement
+that this server has not seen yet, SETs that bring the server's settings to the client's) are
+dropped, everything else streams through untouched, and ReadyForQuery tells when the server is
+free again.
+
+`ClientStatements` belongs to one client: its named prepared statements. Before a batch of the
+client's messages goes to a server, `rewrite` maps the client's statement names onto names
+derived from the statement text (`sw_<digest>`), preparing them on that server first where
+needed. So a client may use a statement it prepared on one server connection on any other, as
+with PgBouncer's `max_prepared_statements`.
+
+Replies are matched to requests by order. Each Sync or Query opens a unit that ends with a
+ReadyForQuery; every Parse and Close inside a unit is remembered in order, so each ParseComplete
+and CloseComplete can be matched to its request. After an error the server skips to the next
+Sync: requests of the unit that got no reply are known not to have run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+from . import messages as m
+
+_LEN = struct.Struct("!I").unpack_from
+_HDR = struct.Struct("!cI")
+
+_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM = ord("Z"), ord("1"), ord("3"), ord("S")
+_INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM))
+
+# The name used to acknowledge a client's Parse of a statement the server already has: the
+# proxy sends Parse of an empty query under this name and closes it at once.
+_ACK_NAME = b"sw_ack"
+_CLOSED_NAME = b"sw_closed"  # Close of a name no server has: the server answers CloseComplete
+
+
+# Reported parameters a client can change; the others describe the server or the login.
+SETTABLE_REPORTED = frozenset({
+    "application_name", "client_encoding", "datestyle", "default_transaction_read_only",
+    "intervalstyle", "standard_conforming_strings", "timezone",
+})
+
+
+class BackendProtocolError(Exception):
+    """The server sent something that is not the wire protocol."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """A Parse or Close whose reply is still due."""
+
+    kind: int  # _PARSE_DONE or _CLOSE_DONE
+    name: bytes  # the server-side statement name, or b"" when nothing is tracked
+    forward: bool  # whether the client is waiting for this reply
+    unit: int
+    done: bool = False
+
+
+class ServerLink:
+    """The proxy's view of one server connection. See the module docstring."""
+
+    __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
+                 "_requests", "_unit_seq", "_dirty", "_stash", "_remaining", "_drop_current",
+                 "param_updates")
+
+    def __init__(self, max_prepared: int = 200) -> None:
+        self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
+        self.settings: dict[str, str] = {}  # session settings applied to this connection
+        self.reported: dict[str, str] = {}  # every ParameterStatus value, as the server spells it
+        self.status = b"I"  # the last ReadyForQuery status: I, T or E
+        self.max_prepared = max_prepared
+        self._units: deque[tuple[int, bool]] = deque()  # (unit id, forward) awaiting their Z
+        self._requests: deque[_Request] = deque()
+        self._unit_seq = 0
+        self._dirty = False  # messages sent since the last Sync/Query
+        self._stash = b""  # an incomplete header or inspected message
+        self._remaining = 0  # bytes still to come of a message being streamed
+        self._drop_current = False
+        # Settable parameters that the client's own statements changed (SET TimeZone...).
+        self.param_updates: list[tuple[str, str]] = []
+
+    # -- requests ---------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        """No reply is due, no batch is half sent and no transaction is open."""
+        return not self._units and not self._dirty and self.status == b"I"
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._units) or self._dirty
+
+    def note_sent(self, ends_unit: bool) -> None:
+        """The client's messages were sent; `ends_unit` if the last was a Sync or Query."""
+        if ends_unit:
+            self._close_unit(True)
+        else:
+            self._dirty = True
+
+    def _close_unit(self, forward: bool) -> None:
+        self._units.append((self._unit_seq, forward))
+        self._unit_seq += 1
+        self._dirty = False
+
+    def expect_parse(self, name: bytes, forward: bool) -> None:
+        self._requests.append(_Request(_PARSE_DONE, name, forward, self._unit_seq))
+        if name:
+            self.prepared[name] = None
+
+    def expect_close(self, name: bytes, forward: bool) -> None:
+        self._requests.append(_Request(_CLOSE_DONE, name, forward, self._unit_seq))
+        if name:
+            self.prepared.pop(name, None)
+
+    def settings_query(self, wanted: dict[str, str]) -> bytes | None:
+        """A Query that makes this connection's settings those of `wanted`, or None if they
+        already are. Its replies are dropped."""
+        have = self.settings
+        if have == wanted:
+            return None
+        parts = []
+        for name, value in wanted.items():
+            if have.get(name) != value:
+                parts.append(f"SET {quote_ident(name)} TO {quote_literal(value)}")
+        for name in have:
+            if name not in wanted:
+                parts.append(f"RESET {quote_ident(name)}")
+        self.settings = dict(wanted)
+        return self.internal_query("; ".join(parts))
+
+    def internal_query(self, sql: str) -> bytes:
+        """A Query of the proxy's own, whose replies are dropped."""
+        self._close_unit(False)
+        return m.query(sql)
+
+    def forget_session_state(self) -> None:
+        """After DISCARD ALL: nothing is prepared and the settings are the server's defaults."""
+        self.prepared.clear()
+        self.settings = {}
+
+    # -- replies ----------------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> bytes | bytearray:
+        """Take bytes from the server; return the bytes to pass on to the client."""
+        if self._stash:
+            data = self._stash + data
+            self._stash = b""
+        n = len(data)
+        pos = 0
+        out: bytearray | None = None
+        run = 0  # start of the current run of bytes to forward
+        if self._remaining:
+            take = self._remaining if self._remaining < n else n
+            self._remaining -= take
+            pos = take
+            if self._drop_current:
+                run = pos
+        units = self._units
+        while pos < n:
+            if n - pos < 5:
+                self._stash = data[pos:]
+                break
+            kind = data[pos]
+            length = _LEN(data, pos + 1)[0]
+            if length < 4:
+                raise BackendProtocolError(f"message length {length} for type {kind}")
+            end = pos + 1 + length
+            forward = units[0][1] if units else True
+            if kind in _INSPECT:
+                if end > n:
+                    self._stash = data[pos:]
+                    break
+                if kind == _Z:
+                    forward = self._ready(data[pos + 5:end])
+                elif kind == _PARAM:
+                    self._param(data[pos + 5:end], forward)
+                else:
+                    req = self._next_request(kind)
+                    forward = forward and req.forward
+            elif end > n:
+                self._remaining = end - n
+                self._drop_current = not forward
+                if not forward:
+                    if out is None:
+                        out = bytearray()
+                    out += data[run:pos]
+                    run = n
+                pos = n
+                break
+            if not forward:
+                if out is None:
+                    out = bytearray()
+                out += data[run:pos]
+                run = end
+            pos = end
+        stop = n - len(self._stash)
+        if out is None:
+            return data if run == 0 and stop == n else data[run:stop]
+        out += data[run:stop]
+        return out
+
+    def _ready(self, payload: bytes) -> bool:
+        if not self._units:
+            raise BackendProtocolError("ReadyForQuery that no request asked for")
+        unit, forward = self._units.popleft()
+        self.status = payload[:1]
+        reqs = self._requests
+        while reqs and reqs[0].unit <= unit:
+            req = reqs.popleft()
+            if not req.done and req.name:
+                # The server skipped it after an error: undo what sending it assumed.
+                if req.kind == _PARSE_DONE:
+                    self.prepared.pop(req.name, None)
+                else:
+                    self.prepared[req.name] = None
+        return forward
+
+    def _next_request(self, kind: int) -> _Request:
+        for req in self._requests:
+            if not req.done:
+                if req.kind != kind:
+                    raise BackendProtocolError(f"unexpected reply {chr(kind)!r}")
+                req.done = True
+                return req
+        raise BackendProtocolError(f"reply {chr(kind)!r} that no request asked for")
+
+    def _param(self, payload: bytes, forward: bool) -> None:
+        name, _, rest = payload.partition(b"\x00")
+        value = rest.partition(b"\x00")[0].decode("utf-8", "replace")
+        name_text = name.decode("utf-8", "replace")
+        self.reported[name_text] = value
+        key = name_text.lower()
+        if forward and key in SETTABLE_REPORTED:
+            # The client changed it (SET, RESET, or a rollback undoing a SET).
+            self.settings[key] = value
+            self.param_updates.append((key, value))
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStatement:
+    server_name: bytes
+    parse_body: bytes  # the Parse payload after the statement name: query, NUL, param types
+    sql: bytes
+
+
+def statement_name(parse_body: bytes) -> bytes:
+    """A server-side name derived from the statement text and parameter types, so clients
+    that prepare the same statement share it on a server connection."""
+    return b"sw_" + hashlib.blake2b(parse_body, digest_size=10).hexdigest().encode()
+
+
+class ClientStatements:
+    """A client's named prepared statements, and the rewriting of its messages."""
+
+    __slots__ = ("statements",)
+
+    def __init__(self) -> None:
+        self.statements: dict[bytes, PreparedStatement] = {}
+
+    def rewrite(self, msgs: list[tuple[int, bytes]], link: ServerLink,
+                original: bytes | None) -> bytes:
+        """The bytes to send to the server for the client's `msgs` (complete messages).
+
+        `original` is the raw bytes of exactly these messages when the caller has them: when
+        nothing needs rewriting it is returned as is.
+        """
+        parts: list[bytes] | None = None
+        ends_unit = False
+        for i, (kind, body) in enumerate(msgs):
+            ends_unit = kind in (0x53, 0x51)  # Sync, Query
+            new = self._rewrite_one(kind, body, link)
+            if new is not None:
+                if parts is None:
+                    parts = [m.message(bytes((k,)), b) for k, b in msgs[:i]]
+                parts.append(new)
+            elif parts is not None:
+                parts.append(m.message(bytes((kind,)), body))
+            if ends_unit and i + 1 < len(msgs):
+                link.note_sent(True)
+        link.note_sent(ends_unit)
+        if parts is None:
+            if original is not None:
+                return original
+            return b"".join(m.message(bytes((k,)), b) for k, b in msgs)
+        return b"".join(parts)
+
+    def _rewrite_one(self, kind: int, body: bytes, link: ServerLink) -> bytes | None:
+        """The replacement bytes for one message, or None to send it unchanged."""
+        if kind == 0x42:  # Bind: portal NUL statement NUL ...
+            p = body.index(0)
+            s = body.index(0, p + 1)
+            name = body[p + 1:s]
+            if not name:
+                return None
+            stmt = self.statements.get(name)
+            if stmt is None:
+                return None  # the server reports "prepared statement does not exist"
+            pre = self._ensure(stmt, link)
+            return pre + m.message(b"B", body[:p + 1] + stmt.server_name + body[s:])
+        if kind == 0x50:  # Parse: name NUL query NUL types
+            s = body.index(0)
+            name = body[:s]
+            if not name:
+                link.expect_parse(b"", True)
+                return None
+            rest = body[s + 1:]
+            if name in self.statements:
+                # PostgreSQL refuses to redefine a name: let the server say so by parsing the
+                # statement's server name twice.
+                stmt = self.statements[name]
+                pre = self._ensure(stmt, link)
+                link.expect_parse(b"", True)
+                return pre + m.message(b"P", stmt.server_name + b"\x00" + rest)
+            server_name = statement_name(rest)
+            stmt = PreparedStatement(server_name, rest, rest[:rest.index(0)])
+            self.statements[name] = stmt
+            if server_name in link.prepared:
+                link.prepared.move_to_end(server_name)
+                # Already there: acknowledge with a throwaway Parse the server answers in order.
+                link.expect_parse(b"", True)
+                link.expect_close(b"", False)
+                return (m.message(b"P", _ACK_NAME + b"\x00\x00\x00\x00")
+                        + m.close_statement(_ACK_NAME))
+            evict = self._evict(link, 1)
+            link.expect_parse(server_name, True)
+            return evict + m.message(b"P", server_name + b"\x00" + rest)
+        if kind == 0x44:  # Describe: 'S' or 'P', name NUL
+            if body[0] != 0x53 or len(body) <= 2:
+                return None
+            stmt = self.statements.get(body[1:-1])
+            if stmt is None:
+                return None
+            return self._ensure(stmt, link) + m.message(b"D", b"S" + stmt.server_name + b"\x00")
+        if kind == 0x43:  # Close
+            if body[0] != 0x53 or len(body) <= 2:
+                link.expect_close(b"", True)
+                return None
+            stmt = self.statements.pop(body[1:-1], None)
+            link.expect_close(b"", True)
+            if stmt is None:
+                return None
+            # Other clients may share the server's statement: keep it, and close a name that
+            # does not exist so the server still answers CloseComplete.
+            return m.close_statement(_CLOSED_NAME)
+        return None
+
+    def _ensure(self, stmt: PreparedStatement, link: ServerLink) -> bytes:
+        """Bytes that prepare `stmt` on the server first, if it does not have it."""
+        if stmt.server_name in link.prepared:
+            link.prepared.move_to_end(stmt.server_name)
+            return b""
+        evict = self._evict(link, 1)
+        link.expect_parse(stmt.server_name, False)
+        return evict + m.message(b"P", stmt.server_name + b"\x00" + stmt.parse_body)
+
+    def _evict(self, link: ServerLink, room: int) -> bytes:
+        if link.max_prepared <= 0:
+            return b""
+        over = len(link.prepared) + room - link.max_prepared
+        if over <= 0:
+            return b""
+        names = list(link.prepared)[:over]
+        out = []
+        for name in names:
+            link.expect_close(name, False)
+            out.append(m.close_statement(name))
+        return b"".join(out)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"

@@ -1,0 +1,548 @@
+"""The listening proxy: client connections, their hand-over to server connections, and the
+life cycle of the whole process. The only module here that touches client sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import secrets
+import signal
+import ssl
+import time
+from collections.abc import Callable
+
+from .. import __version__
+from ..config.load import load_config
+from ..config.model import Config, PoolMode
+from ..router.classify import is_discard_all, session_state_reason
+from .pool import Pool, ServerConnection
+from .protocol import frontend
+from .protocol import messages as m
+from .protocol.errors import PgError
+from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
+from .protocol.relay import ClientStatements
+
+log = logging.getLogger("shardwire")
+
+# Client messages are limited like PostgreSQL's (1 GB) would be impractical for a proxy that
+# buffers one whole message: Query, Parse and Bind above this are refused with 08P01.
+MAX_CLIENT_MESSAGE = 256 * 1024 * 1024
+# Stop reading from a client that has this much queued while it waits for a server.
+PENDING_LIMIT = 4 * 1024 * 1024
+
+_Q, _P, _S, _X = ord("Q"), ord("P"), ord("S"), ord("X")
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client, from its first byte to its last."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.transport: asyncio.Transport | None = None
+        self.handshake: frontend.Handshake | None = None
+        self.reader = MessageReader(MAX_CLIENT_MESSAGE, FRONTEND_TYPES)
+        self.statements = ClientStatements()
+        self.user = ""
+        self.database = ""
+        self.settings: dict[str, str] = {}
+        self.startup_settings: dict[str, str] = {}
+        self.server: ServerConnection | None = None
+        self.pool: Pool | None = None
+        self.pinned: str | None = None  # why this client keeps its server connection
+        self.session_mode = False
+        self.pending: list[tuple[int, bytes]] = []
+        self.pending_bytes = 0
+        self.acquiring = False
+        self.skip_to_sync = False
+        self.closed = False
+        self.admin: object | None = None
+        self.pid = 0
+        self.secret = 0
+        self.addr = ""
+        self.connected_at = time.time()
+        self.state = "login"
+        self.queries = 0
+
+    # -- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername")
+        self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        proxy = self.proxy
+        if len(proxy.clients) >= proxy.config.listen.max_client_connections:
+            self.fatal(PgError("53300", "sorry, too many clients already",
+                               hint="raise listen.max_client_connections", fatal=True))
+            return
+        proxy.clients.add(self)
+        cfg = proxy.config
+        self.handshake = frontend.Handshake(
+            users=cfg.users, auth_method=cfg.auth_method, database=cfg.database,
+            admin_database=cfg.admin_database, tls_available=proxy.tls_context is not None,
+            fake_salt_key=proxy.fake_salt_key)
+
+    def data_received(self, data: bytes) -> None:
+        if self.handshake is not None:
+            self._handshake_data(data)
+            return
+        if self.admin is not None:
+            self.admin.feed(data)  # type: ignore[attr-defined]
+            return
+        try:
+            msgs, whole = self.reader.split_whole(data)
+        except FrameError as e:
+            self.fatal(e)
+            return
+        if msgs:
+            self._client_messages(msgs, data if whole else None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.proxy.clients.discard(self)
+        self.proxy.clients_by_pid.pop(self.pid, None)
+        self._let_go_of_server()
+
+    def pause_writing(self) -> None:
+        # The client reads slower than its server answers: stop reading from the server.
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    # -- login ------------------------------------------------------------------------------
+
+    def _handshake_data(self, data: bytes) -> None:
+        assert self.handshake is not None
+        for action in self.handshake.feed(data):
+            match action:
+                case frontend.Send(data=out):
+                    self.write(out)
+                case frontend.StartTls():
+                    asyncio.get_running_loop().create_task(self._start_tls())
+                    return
+                case frontend.CancelQuery(pid=pid, secret=secret):
+                    self.proxy.cancel(pid, secret)
+                    self.close()
+                    return
+                case frontend.Reject(error=err):
+                    self.fatal(err)
+                    return
+                case frontend.Authenticated():
+                    self.handshake = None
+                    self._authenticated(action)
+                    return
+
+    async def _start_tls(self) -> None:
+        assert self.transport is not None and self.proxy.tls_context is not None
+        loop = asyncio.get_running_loop()
+        try:
+            self.transport = await loop.start_tls(  # type: ignore[assignment]
+                self.transport, self, self.proxy.tls_context, server_side=True)
+        except (OSError, ssl.SSLError) as e:
+            log.info("TLS handshake with %s failed: %s", self.addr, e)
+            if self.transport is not None:
+                self.transport.abort()
+
+    def _authenticated(self, auth: frontend.Authenticated) -> None:
+        self.user, self.database = auth.user, auth.database
+        self.startup_settings = dict(auth.settings)
+        self.settings = dict(auth.settings)
+        self.pid, self.secret = self.proxy.new_backend_key(self)
+        if auth.database == self.proxy.config.admin_database:
+            from .admin import AdminSession
+            self.admin = AdminSession(self.proxy, self)
+            self.state = "admin"
+            self.admin.greet()  # type: ignore[attr-defined]
+            return
+        user_cfg = self.proxy.config.users.get(auth.user)
+        mode = (user_cfg.pool_mode if user_cfg and user_cfg.pool_mode
+                else self.proxy.config.pool.mode)
+        self.session_mode = mode is PoolMode.SESSION
+        if self.session_mode:
+            self.pinned = "session pool mode"
+        self.pool = self.proxy.default_pool
+        self.state = "starting"
+        if self.transport is not None:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().create_task(self._greet())
+
+    async def _greet(self) -> None:
+        """Send the server's parameters as they are with this client's settings applied."""
+        assert self.pool is not None
+        try:
+            params = await self.proxy.login_parameters(self.pool, self.settings)
+        except PgError as e:
+            self.fatal(PgError(e.sqlstate, e.message, e.hint, e.detail, fatal=True))
+            return
+        if self.closed:
+            return
+        out = [m.parameter_status(k, v) for k, v in params.items()]
+        out.append(m.backend_key_data(self.pid, self.secret))
+        out.append(m.ready_for_query(b"I"))
+        self.write(b"".join(out))
+        self.state = "idle"
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    # -- statements -------------------------------------------------------------------------
+
+    def _client_messages(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        if self.skip_to_sync:
+            msgs, raw = self._skip_until_sync(msgs), None
+            if not msgs:
+                return
+        for i, (kind, body) in enumerate(msgs):
+            if kind == _Q or kind == _P:
+                self._inspect_sql(kind, body)
+            elif kind == _X:
+                if i:
+                    self._send(msgs[:i], None)
+                self.close()
+                return
+        self._send(msgs, raw)
+
+    def _send(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        self.queries += 1
+        server = self.server
+        if server is not None:
+            data = self.statements.rewrite(msgs, server.link, raw)
+            server.write(data)
+            stats = server.pool.stats
+            stats.bytes_in += len(data)
+            stats.queries += 1
+            return
+        self.pending.extend(msgs)
+        self.pending_bytes += sum(len(b) + 5 for _, b in msgs)
+        if self.pending_bytes > PENDING_LIMIT and self.transport is not None:
+            self.transport.pause_reading()
+        if not self.acquiring:
+            pool = self.pool
+            assert pool is not None
+            conn = pool.try_acquire()
+            if conn is not None:
+                self._attach(conn)
+            else:
+                self.acquiring = True
+                asyncio.get_running_loop().create_task(self._acquire(pool))
+
+    def _inspect_sql(self, kind: int, body: bytes) -> None:
+        if kind == _P:
+            start = body.index(0) + 1
+            sql = body[start:body.index(0, start)]
+        else:
+            sql = body[:-1]
+        if self.pinned is None:
+            reason = session_state_reason(sql)
+            if reason is not None:
+                self.pinned = reason
+                log.debug("client %s pinned to its server connection: %s", self.addr, reason)
+        if kind == _Q and b"all" in sql.lower() and is_discard_all(sql):
+            server = self.server
+            if server is None or server.link.status == b"I":
+                self.settings = dict(self.startup_settings)
+                if server is not None:
+                    server.link.forget_session_state()
+
+    async def _acquire(self, pool: Pool) -> None:
+        try:
+            conn = await pool.acquire()
+        except PgError as e:
+            self.acquiring = False
+            self._fail_pending(e)
+            return
+        self.acquiring = False
+        if self.closed:
+            pool.release(conn)
+            return
+        self._attach(conn)
+
+    def _attach(self, conn: ServerConnection) -> None:
+        self.server = conn
+        conn.client = self
+        self.state = "active"
+        out = conn.link.settings_query(self.settings) or b""
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        if pending:
+            out += self.statements.rewrite(pending, conn.link, None)
+        if out:
+            conn.write(out)
+            assert self.pool is not None
+            self.pool.stats.bytes_in += len(out)
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _fail_pending(self, err: PgError) -> None:
+        """No server for the pending messages: answer each unit with the error, as a server
+        would that skips to the next Sync after an error."""
+        pending, self.pending = self.pending, []
+        self.pending_bytes = 0
+        out = []
+        sent_error = False
+        for kind, _ in pending:
+            if not sent_error:
+                out.append(m.error_response(err))
+                sent_error = True
+            if kind in (_Q, _S):
+                out.append(m.ready_for_query(b"I"))
+                sent_error = False
+        if sent_error:
+            self.skip_to_sync = True  # an extended batch whose Sync is still to come
+        self.write(b"".join(out))
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def _skip_until_sync(self, msgs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
+        for i, (kind, _) in enumerate(msgs):
+            if kind == _S:
+                self.skip_to_sync = False
+                self.write(m.ready_for_query(b"I"))
+                return msgs[i + 1:]
+            if kind == _X:
+                return msgs[i:]
+        return []
+
+    # -- callbacks from the server connection -----------------------------------------------
+
+    def server_ready(self, conn: ServerConnection) -> None:
+        """The server answered everything sent so far."""
+        if conn.link.status == b"I" and self.pinned is None:
+            self.server = None
+            self.state = "idle"
+            conn.pool.release(conn)
+
+    def note_parameters(self, updates: list[tuple[str, str]]) -> None:
+        for key, value in updates:
+            self.settings[key] = value
+
+    def server_lost(self, conn: ServerConnection) -> None:
+        if self.server is conn:
+            self.server = None
+            self.fatal(PgError("08006", f"lost the connection to shard {conn.pool.shard}",
+                               hint="the server closed the connection or crashed; reconnect "
+                               "and retry", fatal=True))
+
+    # -- output and ending ------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(data)
+
+    def fatal(self, err: PgError) -> None:
+        if err.fatal is False:
+            err = PgError(err.sqlstate, err.message, err.hint, err.detail, fatal=True)
+        self.write(m.error_response(err))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+        self.proxy.clients.discard(self)
+        self._let_go_of_server()
+
+    def _let_go_of_server(self) -> None:
+        conn, self.server = self.server, None
+        if conn is None:
+            return
+        conn.client = None
+        if self.pinned is not None and not conn.closed and conn.link.idle:
+            # Session state must not reach the next client: reset it first.
+            conn.link.forget_session_state()
+            conn.run_and_release(conn.pool.settings.server_reset_query)
+        else:
+            conn.pool.release(conn)  # closes it unless idle outside a transaction
+
+
+class Proxy:
+    """The whole proxy: config, pools, clients, the listening socket."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.clients: set[ClientConnection] = set()
+        self.clients_by_pid: dict[int, ClientConnection] = {}
+        self.pools: dict[str, Pool] = {}
+        self.tls_context: ssl.SSLContext | None = None
+        self.fake_salt_key = secrets.token_bytes(32)
+        self.started = time.time()
+        self._server: asyncio.AbstractServer | None = None
+        self._next_pid = 1
+        self._maintenance: asyncio.Task[None] | None = None
+        self._apply_config(config)
+
+    def _apply_config(self, config: Config) -> None:
+        self.config = config
+        for shard in config.shards.values():
+            key = f"{shard.name}/primary"
+            old = self.pools.get(key)
+            if old is None or old.address != shard.primary:
+                if old is not None:
+                    old.close()
+                self.pools[key] = Pool(shard.name, "primary", shard.primary, config.pool)
+            else:
+                old.settings = config.pool
+        for key in list(self.pools):
+            if key.split("/")[0] not in config.shards:
+                self.pools.pop(key).close()
+        if config.tls is not None:
+            ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+            self.tls_context = ctx
+        else:
+            self.tls_context = None
+
+    @property
+    def default_pool(self) -> Pool:
+        return self.pools[f"{self.config.default_shard}/primary"]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True,
+            backlog=1024)
+        self._maintenance = loop.create_task(self._maintain())
+        log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def serve_forever(self) -> None:
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    async def close(self) -> None:
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        if self._server is not None:
+            self._server.close()
+        for client in list(self.clients):
+            client.fatal(PgError("57P01", "terminating connection: Shardwire is shutting down",
+                                 fatal=True))
+        for pool in self.pools.values():
+            pool.close()
+
+    def reload(self) -> list[str]:
+        """Load the config file again. Returns the problems; the old config stays on error."""
+        from ..config.load import ConfigError
+        if self.config.path is None:
+            return ["this proxy was not started from a config file"]
+        try:
+            config = load_config(self.config.path)
+        except ConfigError as e:
+            return list(e.problems)
+        except OSError as e:
+            return [f"{self.config.path}: {e.strerror}"]
+        self._apply_config(config)
+        log.info("configuration reloaded from %s", config.path)
+        return []
+
+    async def _maintain(self) -> None:
+        while True:
+            await asyncio.sleep(5)
+            for pool in self.pools.values():
+                pool.close_idle(self.config.pool.idle_timeout)
+
+    # -- keys and cancellation --------------------------------------------------------------
+
+    def new_backend_key(self, client: ClientConnection) -> tuple[int, int]:
+        pid = self._next_pid
+        self._next_pid = (self._next_pid + 1) & 0x7FFFFFFF or 1
+        secret = secrets.randbits(31)
+        self.clients_by_pid[pid] = client
+        return pid, secret
+
+    def cancel(self, pid: int, secret: int) -> None:
+        client = self.clients_by_pid.get(pid)
+        if client is None or not hmac.compare_digest(
+                client.secret.to_bytes(4, "big"), secret.to_bytes(4, "big", signed=True)):
+            log.info("cancel request for unknown key %s ignored", pid)
+            return
+        server = client.server
+        if server is None:
+            return  # nothing running
+        asyncio.get_running_loop().create_task(
+            send_cancel(server.pool.address.host, server.pool.address.port,
+                        server.pid, server.secret))
+
+    async def login_parameters(self, pool: Pool, settings: dict[str, str]) -> dict[str, str]:
+        """The ParameterStatus values a client with these settings should see at login.
+
+        Learned once per distinct set of settings from a real server connection."""
+        key = frozenset(settings.items())
+        cached = pool.login_parameters.get(key)
+        if cached is not None:
+            return cached
+        conn = await pool.acquire()
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        query = conn.link.settings_query(settings)
+        if query is None:
+            params = dict(conn.link.reported)
+            pool.release(conn)
+        else:
+            conn.on_idle = lambda: done.done() or done.set_result(None)
+            conn.write(query)
+            try:
+                await asyncio.wait_for(done, pool.settings.checkout_timeout)
+            except TimeoutError:
+                conn.abort("login settings timed out")
+                raise PgError("57014", "timed out applying session settings") from None
+            if conn.link.status != b"I" or conn.closed:
+                conn.abort("login settings failed")
+                raise PgError("22023", "invalid session settings in the startup packet",
+                              hint="check the options and parameters the client sends")
+            params = dict(conn.link.reported)
+            pool.release(conn)
+        if len(pool.login_parameters) > 1000:
+            pool.login_parameters.clear()
+        pool.login_parameters[key] = params
+        return params
+
+
+async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+    except (OSError, TimeoutError) as e:
+        log.info("could not send cancel request to %s:%s: %s", host, port, e)
+        return
+    writer.write(m.cancel_request(pid, secret))
+    await writer.drain()
+    writer.close()
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads the config file."""
+    proxy = Proxy(config)
+    await proxy.start()
+    loop = asyncio.get_running_loop()
+    stop = loop.create_future()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+
+    def on_hup() -> None:
+        problems = proxy.reload()
+        for p in problems:
+            log.error("reload rejected: %s", p)
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if ready is not None:
+        ready(proxy)
+    try:
+        await stop
+    finally:
+        await proxy.close()
+
