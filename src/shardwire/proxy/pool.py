@@ -123,7 +123,7 @@ class ServerConnection(asyncio.Protocol):
         self.handshake = BackendHandshake(user=addr.user, database=addr.database,
                                           password=addr.password)
         self.login = loop.create_future()
-        self.transport.write(self.handshake.start())
+        self.write(self.handshake.start())
         await self.login
 
     def _login_data(self, data: bytes) -> None:

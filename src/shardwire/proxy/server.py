@@ -409,7 +409,7 @@ class Proxy:
 
     @property
     def port(self) -> int:
-        assert self._server is not None
+        assert isinstance(self._server, asyncio.Server)
         return int(self._server.sockets[0].getsockname()[1])
 
     async def serve_forever(self) -> None:
@@ -486,7 +486,7 @@ class Proxy:
             params = dict(conn.link.reported)
             pool.release(conn)
         else:
-            conn.on_idle = lambda: done.done() or done.set_result(None)
+            conn.on_idle = lambda: _settle(done)
             conn.write(query)
             try:
                 await asyncio.wait_for(done, pool.settings.checkout_timeout)
@@ -503,6 +503,11 @@ class Proxy:
             pool.login_parameters.clear()
         pool.login_parameters[key] = params
         return params
+
+
+def _settle(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
 
 
 async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
@@ -531,7 +536,7 @@ async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None) -
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, _settle, stop)
 
     def on_hup() -> None:
         problems = proxy.reload()

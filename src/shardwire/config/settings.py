@@ -1,0 +1,188 @@
+"""Every scalar setting, declared once: its key, type, default and whether RELOAD applies it.
+
+Loading (`shardwire.config.load`) validates against this table, the admin console's
+`SHOW CONFIG` renders it, and RELOAD uses `changed_settings` to tell what it can apply.
+The collections `users` and `shards` are entries rather than settings; `SECTIONS` says
+whether RELOAD applies them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, fields
+from typing import Any
+
+from shardwire.config.model import (
+    AuthMethod,
+    Config,
+    Listen,
+    PoolMode,
+    PoolSettings,
+    ServerAddress,
+)
+
+_LISTEN = Listen()
+_POOL = PoolSettings()
+_CONFIG_DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(Config)}
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One scalar setting.
+
+    `path` is the key as written in the YAML file (`pool.size`); `attribute` is where the
+    value lives on `Config` when that differs (`auth.method` is `Config.auth_method`).
+    Bounds are inclusive, except that `positive` excludes zero. Strings must not be empty
+    unless `may_be_empty`.
+    """
+
+    path: str
+    type: type[Any]  # str, int, float (seconds), an Enum, or ServerAddress (a connection string)
+    default: object
+    reloadable: bool
+    doc: str
+    required: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
+    positive: bool = False
+    may_be_empty: bool = False
+    attribute: str = ""
+
+    @property
+    def section(self) -> str | None:
+        """The YAML mapping the key sits in (`pool`), or None for a top-level key."""
+        head, dot, _ = self.path.partition(".")
+        return head if dot else None
+
+    @property
+    def key(self) -> str:
+        """The key inside its section (`size` for `pool.size`)."""
+        return self.path.rpartition(".")[2]
+
+    @property
+    def type_name(self) -> str:
+        if issubclass(self.type, enum.Enum):
+            return " | ".join(str(member.value) for member in self.type)
+        return _TYPE_NAMES[self.type]
+
+
+_TYPE_NAMES: dict[type[Any], str] = {
+    str: "string",
+    int: "integer",
+    float: "seconds",
+    ServerAddress: "connection string",
+}
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen.host", str, _LISTEN.host, False,
+            "Address the proxy listens on; 0.0.0.0 or :: for all interfaces."),
+    Setting("listen.port", int, _LISTEN.port, False,
+            "TCP port the proxy listens on.", minimum=1, maximum=65535),
+    Setting("listen.max_client_connections", int, _LISTEN.max_client_connections, True,
+            "Client connections beyond this are refused with SQLSTATE 53300.", minimum=1),
+    Setting("tls.cert_file", str, None, True,
+            "Server certificate (PEM). With the key, clients may use TLS; "
+            "without the tls section an SSLRequest is answered 'N'."),
+    Setting("tls.key_file", str, None, True, "Private key (PEM) for tls.cert_file."),
+    Setting("auth.method", AuthMethod, _CONFIG_DEFAULTS["auth_method"], True,
+            "How clients authenticate to Shardwire; trust accepts anyone listed in users.",
+            attribute="auth_method"),
+    Setting("database", str, None, False,
+            "The database name clients connect to.", required=True),
+    Setting("admin_database", str, _CONFIG_DEFAULTS["admin_database"], False,
+            "Connecting to this database name opens the admin console (admin users only)."),
+    Setting("default_shard", str, None, False,
+            "The shard that holds tables no rule distributes.", required=True),
+    Setting("catalog", ServerAddress, _CONFIG_DEFAULTS["catalog"], False,
+            "Where Shardwire keeps its own metadata."),
+    Setting("pool.size", int, _POOL.size, True,
+            "Server connections per shard server.", minimum=1),
+    Setting("pool.mode", PoolMode, _POOL.mode, True,
+            "transaction: a client holds a server connection for one transaction; "
+            "session: for its whole session. Applies to clients that connect afterwards."),
+    Setting("pool.checkout_timeout", float, _POOL.checkout_timeout, True,
+            "A client waiting longer than this for a server connection gets SQLSTATE 57014.",
+            positive=True),
+    Setting("pool.max_waiting_clients", int, _POOL.max_waiting_clients, True,
+            "Beyond this many waiting clients, a new waiter gets SQLSTATE 53300 at once.",
+            minimum=1),
+    Setting("pool.connect_timeout", float, _POOL.connect_timeout, True,
+            "Time allowed to open and authenticate a server connection.", positive=True),
+    Setting("pool.idle_timeout", float, _POOL.idle_timeout, True,
+            "Idle server connections older than this are closed.", positive=True),
+    Setting("pool.max_prepared_statements", int, _POOL.max_prepared_statements, True,
+            "Prepared statements kept per server connection; 0 disables the tracking.",
+            minimum=0),
+    Setting("pool.server_reset_query", str, _POOL.server_reset_query, True,
+            "Run on a server connection when a session-mode client leaves; empty for none.",
+            may_be_empty=True),
+)
+
+SETTINGS_BY_PATH: dict[str, Setting] = {s.path: s for s in SETTINGS}
+
+
+@dataclass(frozen=True, slots=True)
+class Section:
+    """A collection of named entries in the file."""
+
+    path: str
+    reloadable: bool
+    doc: str
+
+
+SECTIONS: tuple[Section, ...] = (
+    Section("users", True,
+            "Who may connect; RELOAD adds, removes and changes users for new connections."),
+    Section("shards", False,
+            "The shard servers; changing them takes a restart (moving data is the "
+            "rebalancer's job, not RELOAD's)."),
+)
+
+
+def setting_value(config: Config, setting: Setting) -> object:
+    """The value `config` has for `setting` (None when its section is absent)."""
+    value: object = config
+    for name in (setting.attribute or setting.path).split("."):
+        if value is None:
+            return None
+        value = getattr(value, name)
+    return value
+
+
+def format_value(value: object) -> str:
+    """A setting's value as text, passwords masked (`SHOW CONFIG`, docs)."""
+    match value:
+        case None:
+            return ""
+        case enum.Enum():
+            return str(value.value)
+        case ServerAddress():
+            return value.dsn
+        case float() if value.is_integer():
+            return str(int(value))
+        case _:
+            return str(value)
+
+
+def config_rows(config: Config) -> list[tuple[str, str, str, str]]:
+    """(key, value, default, reloadable) for every setting, as `SHOW CONFIG` shows them."""
+    return [
+        (
+            s.path,
+            format_value(setting_value(config, s)),
+            format_value(s.default),
+            "yes" if s.reloadable else "no",
+        )
+        for s in SETTINGS
+    ]
+
+
+def changed_settings(old: Config, new: Config) -> list[Setting]:
+    """The settings whose value differs between two configurations, for RELOAD."""
+    return [s for s in SETTINGS if setting_value(old, s) != setting_value(new, s)]
+
+
+def section_names() -> list[str]:
+    """The mappings that hold settings, in table order (`listen`, `tls`, `auth`, `pool`)."""
+    return list(dict.fromkeys(s.section for s in SETTINGS if s.section is not None))
