@@ -100,6 +100,15 @@ class ServerConnection(asyncio.Protocol):
             client.server_lost(self)
         self.on_idle = None
 
+    def pause_writing(self) -> None:
+        # The server reads slower than the client sends (a big COPY): stop reading the client.
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client is not None and self.client.transport is not None:
+            self.client.transport.resume_reading()
+
     # -- life cycle -------------------------------------------------------------------------
 
     async def connect(self) -> None:

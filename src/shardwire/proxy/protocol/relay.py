@@ -34,6 +34,11 @@ _LEN = struct.Struct("!I").unpack_from
 _HDR = struct.Struct("!cI")
 
 _Z, _PARSE_DONE, _CLOSE_DONE, _PARAM = ord("Z"), ord("1"), ord("3"), ord("S")
+# Client messages answered by a ReadyForQuery: Sync, Query, FunctionCall.
+_ENDS_UNIT = frozenset(b"SQF")
+# Extended-protocol messages whose batch is open until a Sync. (Flush and the COPY messages
+# neither open nor close one.)
+_OPENS_BATCH = frozenset(b"PBDEC")
 _INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM))
 
 # The name used to acknowledge a client's Parse of a statement the server already has: the
@@ -273,9 +278,7 @@ class ClientStatements:
         nothing needs rewriting it is returned as is.
         """
         parts: list[bytes] | None = None
-        ends_unit = False
         for i, (kind, body) in enumerate(msgs):
-            ends_unit = kind in (0x53, 0x51)  # Sync, Query
             new = self._rewrite_one(kind, body, link)
             if new is not None:
                 if parts is None:
@@ -283,9 +286,10 @@ class ClientStatements:
                 parts.append(new)
             elif parts is not None:
                 parts.append(m.message(bytes((kind,)), body))
-            if ends_unit and i + 1 < len(msgs):
+            if kind in _ENDS_UNIT:
                 link.note_sent(True)
-        link.note_sent(ends_unit)
+            elif kind in _OPENS_BATCH:
+                link.note_sent(False)
         if parts is None:
             if original is not None:
                 return original

@@ -1,0 +1,57 @@
+"""Leading-keyword classification of statements, for pooling decisions."""
+
+from __future__ import annotations
+
+import pytest
+
+from shardwire.router.classify import (
+    is_discard_all,
+    leading_words,
+    session_state_reason,
+    split_statements,
+)
+
+
+def test_split_respects_quotes_comments_and_dollar_quotes() -> None:
+    sql = (b"select 1; select ';'; select \"a;b\"; /* ; /* nested ; */ */ select 2;"
+           b" select $f$ ; $f$; select $1; -- ;\nselect 3;;")
+    assert split_statements(sql) == [
+        b"select 1", b"select ';'", b'select "a;b"', b"/* ; /* nested ; */ */ select 2",
+        b"select $f$ ; $f$", b"select $1", b"-- ;\nselect 3"]
+
+
+def test_leading_words_skip_comments_and_parentheses() -> None:
+    assert leading_words(b"/* hint */ -- x\n (SELECT a)") == ["select", "a"]
+
+
+@pytest.mark.parametrize("sql,reason", [
+    (b"SET search_path = s", "SET search_path"),
+    (b"set session statement_timeout to 5", "SET statement_timeout"),
+    (b"SET LOCAL search_path = s", None),
+    (b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", None),
+    (b"SET application_name = 'x'", None),
+    (b"SET TIME ZONE 'UTC'", None),
+    (b"SET DateStyle = ISO", None),
+    (b"RESET ALL", "RESET all"),
+    (b"PREPARE p AS SELECT 1", "PREPARE"),
+    (b"LISTEN chan", "LISTEN"),
+    (b"create temp table t (a int)", "CREATE TEMPORARY"),
+    (b"CREATE LOCAL TEMPORARY TABLE t (a int)", "CREATE TEMPORARY"),
+    (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", "DECLARE ... WITH HOLD"),
+    (b"DECLARE c CURSOR FOR SELECT 1", None),
+    (b"select pg_advisory_lock(1)", "session-level function (advisory lock or set_config)"),
+    (b"UPDATE t SET a = 1", None),
+    (b"select 'SET search_path = x'", None),
+    (b"select 1; set search_path = x", "SET search_path"),
+    (b"SELECT abalance FROM pgbench_accounts WHERE aid = 1;", None),
+])
+def test_session_state_reason(sql: bytes, reason: str | None) -> None:
+    assert session_state_reason(sql) == reason
+
+
+@pytest.mark.parametrize("sql,expected", [
+    (b"DISCARD ALL", True), (b"deallocate all", True), (b"DEALLOCATE PREPARE ALL", True),
+    (b"select 1; discard all", True), (b"DISCARD PLANS", False), (b"select 'discard all'", False),
+])
+def test_discard_all(sql: bytes, expected: bool) -> None:
+    assert is_discard_all(sql) is expected
