@@ -98,7 +98,9 @@ class ServerConnection(asyncio.Protocol):
         if self.client is not None:
             client, self.client = self.client, None
             client.server_lost(self)
-        self.on_idle = None
+        if self.on_idle is not None:
+            callback, self.on_idle = self.on_idle, None
+            callback()
 
     def pause_writing(self) -> None:
         # The server reads slower than the client sends (a big COPY): stop reading the client.

@@ -9,6 +9,7 @@ import logging
 import secrets
 import signal
 import ssl
+import struct
 import time
 from collections.abc import Callable
 
@@ -91,11 +92,13 @@ class ClientConnection(asyncio.Protocol):
             return
         try:
             msgs, whole = self.reader.split_whole(data)
+            if msgs:
+                self._client_messages(msgs, data if whole else None)
         except FrameError as e:
             self.fatal(e)
-            return
-        if msgs:
-            self._client_messages(msgs, data if whole else None)
+        except (ValueError, IndexError, struct.error):
+            # A message whose inside does not match its type (a Parse without its NULs...).
+            self.fatal(PgError("08P01", "invalid message format", fatal=True))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -186,6 +189,8 @@ class ClientConnection(asyncio.Protocol):
         self.state = "idle"
         if self.transport is not None:
             self.transport.resume_reading()
+        if self.pending:
+            self._get_server()
 
     # -- statements -------------------------------------------------------------------------
 
@@ -218,6 +223,11 @@ class ClientConnection(asyncio.Protocol):
         self.pending_bytes += sum(len(b) + 5 for _, b in msgs)
         if self.pending_bytes > PENDING_LIMIT and self.transport is not None:
             self.transport.pause_reading()
+        if self.state == "starting":
+            return  # sent once the login is complete
+        self._get_server()
+
+    def _get_server(self) -> None:
         if not self.acquiring:
             pool = self.pool
             assert pool is not None
@@ -493,10 +503,13 @@ class Proxy:
             except TimeoutError:
                 conn.abort("login settings timed out")
                 raise PgError("57014", "timed out applying session settings") from None
-            if conn.link.status != b"I" or conn.closed:
+            if conn.closed:
+                raise PgError("08006", f"lost the connection to shard {pool.shard} at login")
+            if conn.link.dropped_errors:
+                fields = m.parse_error_fields(conn.link.dropped_errors[0])
                 conn.abort("login settings failed")
-                raise PgError("22023", "invalid session settings in the startup packet",
-                              hint="check the options and parameters the client sends")
+                raise PgError(fields.get("C", "22023"), fields.get("M", "invalid setting"),
+                              hint="check the parameters and options the client sends")
             params = dict(conn.link.reported)
             pool.release(conn)
         if len(pool.login_parameters) > 1000:

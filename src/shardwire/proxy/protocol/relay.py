@@ -33,13 +33,14 @@ from . import messages as m
 _LEN = struct.Struct("!I").unpack_from
 _HDR = struct.Struct("!cI")
 
-_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM = ord("Z"), ord("1"), ord("3"), ord("S")
+_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR = (
+    ord("Z"), ord("1"), ord("3"), ord("S"), ord("E"))
 # Client messages answered by a ReadyForQuery: Sync, Query, FunctionCall.
 _ENDS_UNIT = frozenset(b"SQF")
 # Extended-protocol messages whose batch is open until a Sync. (Flush and the COPY messages
 # neither open nor close one.)
 _OPENS_BATCH = frozenset(b"PBDEC")
-_INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM))
+_INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR))
 
 # The name used to acknowledge a client's Parse of a statement the server already has: the
 # proxy sends Parse of an empty query under this name and closes it at once.
@@ -74,7 +75,7 @@ class ServerLink:
 
     __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
                  "_requests", "_unit_seq", "_dirty", "_stash", "_remaining", "_drop_current",
-                 "param_updates")
+                 "param_updates", "dropped_errors")
 
     def __init__(self, max_prepared: int = 200) -> None:
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
@@ -91,6 +92,8 @@ class ServerLink:
         self._drop_current = False
         # Settable parameters that the client's own statements changed (SET TimeZone...).
         self.param_updates: list[tuple[str, str]] = []
+        # ErrorResponse payloads of the proxy's own statements (their replies are dropped).
+        self.dropped_errors: list[bytes] = []
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -142,7 +145,9 @@ class ServerLink:
         return self.internal_query("; ".join(parts))
 
     def internal_query(self, sql: str) -> bytes:
-        """A Query of the proxy's own, whose replies are dropped."""
+        """A Query of the proxy's own, whose replies are dropped (errors are kept in
+        `dropped_errors`)."""
+        self.dropped_errors.clear()
         self._close_unit(False)
         return m.query(sql)
 
@@ -187,6 +192,9 @@ class ServerLink:
                     forward = self._ready(data[pos + 5:end])
                 elif kind == _PARAM:
                     self._param(data[pos + 5:end], forward)
+                elif kind == _ERROR:
+                    if not forward:
+                        self.dropped_errors.append(data[pos + 5:end])
                 else:
                     req = self._next_request(kind)
                     forward = forward and req.forward
