@@ -419,8 +419,9 @@ class Proxy:
 
     @property
     def port(self) -> int:
-        assert isinstance(self._server, asyncio.Server)
-        return int(self._server.sockets[0].getsockname()[1])
+        sockets = getattr(self._server, "sockets", None)  # uvloop's Server is not asyncio's
+        assert sockets
+        return int(sockets[0].getsockname()[1])
 
     async def serve_forever(self) -> None:
         assert self._server is not None
