@@ -21,7 +21,12 @@ from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
 from .protocol.errors import PgError
-from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
+from .protocol.framing import (
+    FRONTEND_TYPES,
+    FrameError,
+    MessageReader,
+    check_frontend_message,
+)
 from .protocol.relay import ClientStatements
 
 log = logging.getLogger("shardwire")
@@ -29,10 +34,15 @@ log = logging.getLogger("shardwire")
 # Client messages are limited like PostgreSQL's (1 GB) would be impractical for a proxy that
 # buffers one whole message: Query, Parse and Bind above this are refused with 08P01.
 MAX_CLIENT_MESSAGE = 256 * 1024 * 1024
+# Connections still logging in may exceed listen.max_client_connections by this much; the
+# limit itself is applied after the startup packet, where PostgreSQL applies it, so that
+# clients see the 53300 error rather than a broken SSL negotiation.
+LOGIN_HEADROOM = 100
 # Stop reading from a client that has this much queued while it waits for a server.
 PENDING_LIMIT = 4 * 1024 * 1024
 
 _Q, _P, _S, _X = ord("Q"), ord("P"), ord("S"), ord("X")
+_CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
 
 
 class ClientConnection(asyncio.Protocol):
@@ -72,9 +82,10 @@ class ClientConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.addr = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
         proxy = self.proxy
-        if len(proxy.clients) >= proxy.config.listen.max_client_connections:
-            self.fatal(PgError("53300", "sorry, too many clients already",
-                               hint="raise listen.max_client_connections", fatal=True))
+        if len(proxy.clients) >= proxy.config.listen.max_client_connections + LOGIN_HEADROOM:
+            # Far beyond the limit (a flood of connections that never log in): drop at once.
+            self.closed = True
+            transport.abort()  # type: ignore[attr-defined]
             return
         proxy.clients.add(self)
         cfg = proxy.config
@@ -150,6 +161,11 @@ class ClientConnection(asyncio.Protocol):
                 self.transport.abort()
 
     def _authenticated(self, auth: frontend.Authenticated) -> None:
+        proxy = self.proxy
+        if len(proxy.clients_by_pid) >= proxy.config.listen.max_client_connections:
+            self.fatal(PgError("53300", "sorry, too many clients already",
+                               hint="raise listen.max_client_connections", fatal=True))
+            return
         self.user, self.database = auth.user, auth.database
         self.startup_settings = dict(auth.settings)
         self.settings = dict(auth.settings)
@@ -200,8 +216,10 @@ class ClientConnection(asyncio.Protocol):
             if not msgs:
                 return
         for i, (kind, body) in enumerate(msgs):
-            if kind == _Q or kind == _P:
-                self._inspect_sql(kind, body)
+            if kind in _CHECKED:
+                check_frontend_message(kind, body)
+                if kind == _Q or kind == _P:
+                    self._inspect_sql(kind, body)
             elif kind == _X:
                 if i:
                     self._send(msgs[:i], None)

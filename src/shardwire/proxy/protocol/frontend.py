@@ -164,7 +164,7 @@ class Handshake:
                           hint="connect to a shard directly for replication", fatal=True)
         db = params.get("database") or user
         self._user, self._db = user, db
-        self._settings = {k.lower(): v for k, v in params.items()
+        self._settings = {k.lower(): _clean_value(k.lower(), v) for k, v in params.items()
                           if k not in CONNECTION_PARAMETERS and not k.startswith("_pq_.")}
         self._settings.update(_parse_options(params.get("options", "")))
         cfg = self.users.get(user)
@@ -226,6 +226,18 @@ class Handshake:
         self.phase = Phase.DONE
         return [Send(m.AUTH_OK),
                 Authenticated(self._user, self._db, self._settings, self._admin)]
+
+
+def _clean_value(name: str, value: str) -> str:
+    """PostgreSQL replaces non-ASCII bytes of application_name with '?' (as version 15 does);
+    other values that are not valid UTF-8 are kept byte for byte (and the server judges them)."""
+    if name == "application_name" and not value.isascii():
+        raw = value.encode("utf-8", "surrogateescape")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(chr(b) if b < 128 else "?" for b in raw)
+    return value
 
 
 def _parse_options(options: str) -> dict[str, str]:

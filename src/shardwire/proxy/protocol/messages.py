@@ -34,15 +34,8 @@ def message(kind: bytes, payload: bytes = b"") -> bytes:
 
 
 def cstring(s: str | bytes) -> bytes:
-    return (s.encode() if isinstance(s, str) else s) + b"\x00"
-
-
-def read_cstring(buf: bytes | memoryview, pos: int) -> tuple[bytes, int]:
-    """The NUL-terminated string at `pos`, and the position after its NUL."""
-    end = bytes(buf[pos:]).index(b"\x00") if isinstance(buf, memoryview) else buf.index(0, pos)
-    if isinstance(buf, memoryview):
-        end += pos
-    return bytes(buf[pos:end]), end + 1
+    # surrogateescape: startup values that were not UTF-8 go back out byte for byte.
+    return (s.encode("utf-8", "surrogateescape") if isinstance(s, str) else s) + b"\x00"
 
 
 # --- backend (server -> client) messages -------------------------------------------------
@@ -193,10 +186,10 @@ def parse_startup_params(payload: bytes) -> dict[str, str]:
         while pos < n and payload[pos] != 0:
             kend = payload.index(0, pos)
             vend = payload.index(0, kend + 1)
-            key = payload[pos:kend].decode()
-            params[key] = payload[kend + 1:vend].decode()
+            key = payload[pos:kend].decode("utf-8", "surrogateescape")
+            params[key] = payload[kend + 1:vend].decode("utf-8", "surrogateescape")
             pos = vend + 1
-    except (ValueError, UnicodeDecodeError) as e:
+    except ValueError as e:
         raise PgError("08P01", "invalid startup packet layout: expected terminator as last byte",
                       fatal=True) from e
     if pos >= n:

@@ -68,6 +68,10 @@ class _Request:
     forward: bool  # whether the client is waiting for this reply
     unit: int
     done: bool = False
+    # For a client's Parse or Close of a named statement: undone if the server skips it.
+    owner: ClientStatements | None = None
+    client_name: bytes = b""
+    statement: PreparedStatement | None = None
 
 
 class ServerLink:
@@ -75,7 +79,7 @@ class ServerLink:
 
     __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
                  "_requests", "_unit_seq", "_dirty", "_stash", "_remaining", "_drop_current",
-                 "param_updates", "dropped_errors")
+                 "param_updates", "dropped_errors", "error_names")
 
     def __init__(self, max_prepared: int = 200) -> None:
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
@@ -94,6 +98,8 @@ class ServerLink:
         self.param_updates: list[tuple[str, str]] = []
         # ErrorResponse payloads of the proxy's own statements (their replies are dropped).
         self.dropped_errors: list[bytes] = []
+        # Server-side names to show as the client's own in error messages (42P05).
+        self.error_names: dict[bytes, bytes] = {}
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -118,13 +124,19 @@ class ServerLink:
         self._unit_seq += 1
         self._dirty = False
 
-    def expect_parse(self, name: bytes, forward: bool) -> None:
-        self._requests.append(_Request(_PARSE_DONE, name, forward, self._unit_seq))
+    def expect_parse(self, name: bytes, forward: bool, owner: ClientStatements | None = None,
+                     client_name: bytes = b"", statement: PreparedStatement | None = None
+                     ) -> None:
+        self._requests.append(_Request(_PARSE_DONE, name, forward, self._unit_seq, False,
+                                       owner, client_name, statement))
         if name:
             self.prepared[name] = None
 
-    def expect_close(self, name: bytes, forward: bool) -> None:
-        self._requests.append(_Request(_CLOSE_DONE, name, forward, self._unit_seq))
+    def expect_close(self, name: bytes, forward: bool, owner: ClientStatements | None = None,
+                     client_name: bytes = b"", statement: PreparedStatement | None = None
+                     ) -> None:
+        self._requests.append(_Request(_CLOSE_DONE, name, forward, self._unit_seq, False,
+                                       owner, client_name, statement))
         if name:
             self.prepared.pop(name, None)
 
@@ -195,6 +207,14 @@ class ServerLink:
                 elif kind == _ERROR:
                     if not forward:
                         self.dropped_errors.append(data[pos + 5:end])
+                    elif self.error_names:
+                        renamed = self._rename_in_error(data[pos + 5:end])
+                        if renamed is not None:
+                            if out is None:
+                                out = bytearray()
+                            out += data[run:pos]
+                            out += m.message(b"E", renamed)
+                            run = end
                 else:
                     req = self._next_request(kind)
                     forward = forward and req.forward
@@ -228,12 +248,23 @@ class ServerLink:
         reqs = self._requests
         while reqs and reqs[0].unit <= unit:
             req = reqs.popleft()
-            if not req.done and req.name:
-                # The server skipped it after an error: undo what sending it assumed.
-                if req.kind == _PARSE_DONE:
-                    self.prepared.pop(req.name, None)
-                else:
-                    self.prepared[req.name] = None
+            if not req.done:
+                # The server failed or skipped it: undo what sending it assumed.
+                parse = req.kind == _PARSE_DONE
+                if req.name:
+                    if parse:
+                        self.prepared.pop(req.name, None)
+                    else:
+                        self.prepared[req.name] = None
+                if req.owner is not None and req.statement is not None:
+                    defined = req.owner.statements
+                    if parse:
+                        if defined.get(req.client_name) is req.statement:
+                            del defined[req.client_name]
+                    else:
+                        defined.setdefault(req.client_name, req.statement)
+        if self.error_names and not self._units:
+            self.error_names.clear()
         return forward
 
     def _next_request(self, kind: int) -> _Request:
@@ -244,6 +275,13 @@ class ServerLink:
                 req.done = True
                 return req
         raise BackendProtocolError(f"reply {chr(kind)!r} that no request asked for")
+
+    def _rename_in_error(self, payload: bytes) -> bytes | None:
+        for server_name, client_name in self.error_names.items():
+            quoted = b'"' + server_name + b'"'
+            if quoted in payload:
+                return payload.replace(quoted, b'"' + client_name + b'"')
+        return None
 
     def _param(self, payload: bytes, forward: bool) -> None:
         name, _, rest = payload.partition(b"\x00")
@@ -326,23 +364,26 @@ class ClientStatements:
             rest = body[s + 1:]
             if name in self.statements:
                 # PostgreSQL refuses to redefine a name: let the server say so by parsing the
-                # statement's server name twice.
+                # statement's server name twice, and show the client's name in its error.
                 stmt = self.statements[name]
                 pre = self._ensure(stmt, link)
                 link.expect_parse(b"", True)
+                link.error_names[stmt.server_name] = name
                 return pre + m.message(b"P", stmt.server_name + b"\x00" + rest)
             server_name = statement_name(rest)
             stmt = PreparedStatement(server_name, rest, rest[:rest.index(0)])
+            # Defined now so that a Bind later in the batch finds it; undone if the server
+            # fails or skips the Parse.
             self.statements[name] = stmt
             if server_name in link.prepared:
                 link.prepared.move_to_end(server_name)
                 # Already there: acknowledge with a throwaway Parse the server answers in order.
-                link.expect_parse(b"", True)
+                link.expect_parse(b"", True, self, name, stmt)
                 link.expect_close(b"", False)
                 return (m.message(b"P", _ACK_NAME + b"\x00\x00\x00\x00")
                         + m.close_statement(_ACK_NAME))
             evict = self._evict(link, 1)
-            link.expect_parse(server_name, True)
+            link.expect_parse(server_name, True, self, name, stmt)
             return evict + m.message(b"P", server_name + b"\x00" + rest)
         if kind == 0x44:  # Describe: 'S' or 'P', name NUL
             if body[0] != 0x53 or len(body) <= 2:
@@ -355,8 +396,9 @@ class ClientStatements:
             if body[0] != 0x53 or len(body) <= 2:
                 link.expect_close(b"", True)
                 return None
-            stmt = self.statements.pop(body[1:-1], None)
-            link.expect_close(b"", True)
+            client_name = body[1:-1]
+            stmt = self.statements.pop(client_name, None)
+            link.expect_close(b"", True, self, client_name, stmt)
             if stmt is None:
                 return None
             # Other clients may share the server's statement: keep it, and close a name that
