@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from shardwire.router.classify import (
-    is_discard_all,
+    SessionReset,
     leading_words,
+    session_reset,
     session_state_reason,
     split_statements,
 )
@@ -32,7 +33,11 @@ def test_leading_words_skip_comments_and_parentheses() -> None:
     (b"SET application_name = 'x'", None),
     (b"SET TIME ZONE 'UTC'", None),
     (b"SET DateStyle = ISO", None),
-    (b"RESET ALL", "RESET all"),
+    (b"RESET ALL", None),  # the proxy restores the startup settings after it
+    (b"RESET search_path", "RESET search_path"),
+    (b"select 1 as x into temp table t", "SELECT INTO TEMPORARY"),
+    (b"create table pg_temp.t (x int)", "object in pg_temp"),
+    (b"select * from pg_temp.t", "object in pg_temp"),
     (b"PREPARE p AS SELECT 1", "PREPARE"),
     (b"LISTEN chan", "LISTEN"),
     (b"create temp table t (a int)", "CREATE TEMPORARY"),
@@ -49,9 +54,20 @@ def test_session_state_reason(sql: bytes, reason: str | None) -> None:
     assert session_state_reason(sql) == reason
 
 
+def test_reset_all_pins_in_the_extended_protocol() -> None:
+    assert session_state_reason(b"RESET ALL", simple=False) == "RESET all"
+
+
 @pytest.mark.parametrize("sql,expected", [
-    (b"DISCARD ALL", True), (b"deallocate all", True), (b"DEALLOCATE PREPARE ALL", True),
-    (b"select 1; discard all", True), (b"DISCARD PLANS", False), (b"select 'discard all'", False),
+    (b"DISCARD ALL", SessionReset(prepared=True, settings=True)),
+    (b"deallocate all", SessionReset(prepared=True, settings=False)),
+    (b"DEALLOCATE PREPARE ALL", SessionReset(prepared=True, settings=False)),
+    (b"RESET ALL", SessionReset(prepared=False, settings=True)),
+    (b"SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL",
+     SessionReset(prepared=False, settings=True)),
+    (b"select 1; discard all", SessionReset(prepared=True, settings=True)),
+    (b"DISCARD PLANS", None),
+    (b"select 'discard all'", None),
 ])
-def test_discard_all(sql: bytes, expected: bool) -> None:
-    assert is_discard_all(sql) is expected
+def test_session_reset(sql: bytes, expected: SessionReset | None) -> None:
+    assert session_reset(sql) == expected

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
-from ..router.classify import is_discard_all, session_state_reason
+from ..router.classify import SessionReset, session_reset, session_state_reason
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -61,6 +61,7 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.pool: Pool | None = None
         self.pinned: str | None = None  # why this client keeps its server connection
+        self.reset: SessionReset | None = None  # DISCARD/DEALLOCATE/RESET ALL being sent
         self.session_mode = False
         self.pending: list[tuple[int, bytes]] = []
         self.pending_bytes = 0
@@ -232,6 +233,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is not None:
             data = self.statements.rewrite(msgs, server.link, raw)
+            if self.reset is not None:
+                data += self._after_reset(server)
             server.write(data)
             stats = server.pool.stats
             stats.bytes_in += len(data)
@@ -263,16 +266,30 @@ class ClientConnection(asyncio.Protocol):
         else:
             sql = body[:-1]
         if self.pinned is None:
-            reason = session_state_reason(sql)
+            reason = session_state_reason(sql, simple=kind == _Q)
             if reason is not None:
                 self.pinned = reason
                 log.debug("client %s pinned to its server connection: %s", self.addr, reason)
-        if kind == _Q and b"all" in sql.lower() and is_discard_all(sql):
-            server = self.server
-            if server is None or server.link.status == b"I":
-                self.settings = dict(self.startup_settings)
-                if server is not None:
-                    server.link.forget_session_state()
+        if kind == _Q and b"all" in sql.lower():
+            reset = session_reset(sql)
+            if reset is not None:
+                self.reset = reset if self.reset is None else SessionReset(
+                    reset.prepared or self.reset.prepared, reset.settings or self.reset.settings)
+
+    def _after_reset(self, conn: ServerConnection) -> bytes:
+        """The client's batch resets session state on `conn`: forget what it forgot, and
+        bring back the settings of the client's startup packet, as PostgreSQL's RESET ALL
+        would. Returns the proxy's own follow-up query, if any."""
+        reset, self.reset = self.reset, None
+        assert reset is not None
+        if reset.prepared:
+            conn.link.prepared.clear()
+            self.statements.statements.clear()
+        if not reset.settings:
+            return b""
+        self.settings = dict(self.startup_settings)
+        conn.link.settings = {}
+        return conn.link.settings_query(self.settings, tell_client=True) or b""
 
     async def _acquire(self, pool: Pool) -> None:
         try:
@@ -296,6 +313,8 @@ class ClientConnection(asyncio.Protocol):
         self.pending_bytes = 0
         if pending:
             out += self.statements.rewrite(pending, conn.link, None)
+        if self.reset is not None:
+            out += self._after_reset(conn)
         if out:
             conn.write(out)
             assert self.pool is not None

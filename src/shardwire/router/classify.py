@@ -9,6 +9,7 @@ string literals, quoted identifiers or dollar-quoted bodies.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 # Parameters PostgreSQL reports with ParameterStatus (GUC_REPORT). A session-level SET of one of
 # these is visible to the proxy and replayed on whichever server connection serves the client.
@@ -131,12 +132,14 @@ def leading_words(statement: bytes, count: int = 3) -> list[str]:
     return words
 
 
-def session_state_reason(sql: bytes) -> str | None:
+def session_state_reason(sql: bytes, *, simple: bool = True) -> str | None:
     """Why this query string leaves state on its server connection that outlives the
     transaction and cannot be replayed elsewhere, or None.
 
     A client whose statement has such a reason is pinned to its server connection for the rest
     of its session (see docs/pooling.md). False positives only cost pooling efficiency.
+    `simple` is false for the text of a Parse: there RESET ALL pins too, since the proxy
+    restores settings after it only in the simple protocol.
     """
     lowered = sql.lower()
     for word in _MAYBE_STATEFUL:
@@ -145,7 +148,7 @@ def session_state_reason(sql: bytes) -> str | None:
     else:
         return None
     for stmt in split_statements(sql) if b";" in sql else (sql,):
-        reason = _statement_state_reason(stmt)
+        reason = _statement_state_reason(stmt, simple)
         if reason:
             return reason
     if _SESSION_FUNCTIONS.search(sql):
@@ -153,7 +156,11 @@ def session_state_reason(sql: bytes) -> str | None:
     return None
 
 
-def _statement_state_reason(stmt: bytes) -> str | None:
+_INTO_TEMP = re.compile(rb"\binto\s+(?:temp|temporary)\b", re.I)
+_PG_TEMP = re.compile(rb"\bpg_temp(?:_\d+)?\s*\.", re.I)
+
+
+def _statement_state_reason(stmt: bytes, simple: bool) -> str | None:
     words = leading_words(stmt, 4)
     if not words:
         return None
@@ -172,9 +179,10 @@ def _statement_state_reason(stmt: bytes) -> str | None:
             return None
         return f"SET {rest[0]}"
     if first == "reset":
-        if len(words) > 1 and words[1] in REPORTED_PARAMETERS:
+        target = words[1] if len(words) > 1 else ""
+        if target in REPORTED_PARAMETERS or (target == "all" and simple):
             return None
-        return "RESET " + (words[1] if len(words) > 1 else "")
+        return f"RESET {target}"
     if first in ("prepare", "listen", "load"):
         return first.upper()
     if first == "declare" and b"hold" in stmt.lower():
@@ -184,14 +192,30 @@ def _statement_state_reason(stmt: bytes) -> str | None:
             or (words[1] in ("local", "global") and len(words) > 2
                 and words[2] in ("temp", "temporary"))):
         return "CREATE TEMPORARY"
+    if first in ("create", "select", "with", "alter") and _PG_TEMP.search(stmt):
+        return "object in pg_temp"
+    if first in ("select", "with") and _INTO_TEMP.search(stmt):
+        return "SELECT INTO TEMPORARY"
     return None
 
 
-def is_discard_all(sql: bytes) -> bool:
-    """DISCARD ALL or DEALLOCATE ALL: the server forgets every prepared statement."""
+@dataclass(frozen=True, slots=True)
+class SessionReset:
+    """What a query string resets on its server connection."""
+
+    prepared: bool  # every prepared statement is gone (DISCARD ALL, DEALLOCATE ALL)
+    settings: bool  # settings are back to the session's defaults (DISCARD ALL, RESET ALL)
+
+
+def session_reset(sql: bytes) -> SessionReset | None:
+    """DISCARD ALL, DEALLOCATE [PREPARE] ALL or RESET ALL among the statements, or None."""
+    prepared = settings = False
     for stmt in split_statements(sql) if b";" in sql else (sql,):
         words = leading_words(stmt, 3)
-        if words[:2] == ["discard", "all"] or words[:2] == ["deallocate", "all"] or (
-                words[:3] == ["deallocate", "prepare", "all"]):
-            return True
-    return False
+        if words[:2] == ["discard", "all"]:
+            prepared = settings = True
+        elif words[:2] == ["deallocate", "all"] or words[:3] == ["deallocate", "prepare", "all"]:
+            prepared = True
+        elif words[:2] == ["reset", "all"]:
+            settings = True
+    return SessionReset(prepared, settings) if prepared or settings else None

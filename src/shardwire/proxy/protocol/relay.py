@@ -87,7 +87,8 @@ class ServerLink:
         self.reported: dict[str, str] = {}  # every ParameterStatus value, as the server spells it
         self.status = b"I"  # the last ReadyForQuery status: I, T or E
         self.max_prepared = max_prepared
-        self._units: deque[tuple[int, bool]] = deque()  # (unit id, forward) awaiting their Z
+        # (unit id, forward replies, forward ParameterStatus) of units awaiting their Z
+        self._units: deque[tuple[int, bool, bool]] = deque()
         self._requests: deque[_Request] = deque()
         self._unit_seq = 0
         self._dirty = False  # messages sent since the last Sync/Query
@@ -119,8 +120,8 @@ class ServerLink:
         else:
             self._dirty = True
 
-    def _close_unit(self, forward: bool) -> None:
-        self._units.append((self._unit_seq, forward))
+    def _close_unit(self, forward: bool, params: bool | None = None) -> None:
+        self._units.append((self._unit_seq, forward, forward if params is None else params))
         self._unit_seq += 1
         self._dirty = False
 
@@ -140,9 +141,11 @@ class ServerLink:
         if name:
             self.prepared.pop(name, None)
 
-    def settings_query(self, wanted: dict[str, str]) -> bytes | None:
+    def settings_query(self, wanted: dict[str, str], *, tell_client: bool = False
+                       ) -> bytes | None:
         """A Query that makes this connection's settings those of `wanted`, or None if they
-        already are. Its replies are dropped."""
+        already are. Its replies are dropped, except the ParameterStatus messages when
+        `tell_client` (settings restored after the client's own RESET ALL)."""
         have = self.settings
         if have == wanted:
             return None
@@ -154,13 +157,13 @@ class ServerLink:
             if name not in wanted:
                 parts.append(f"RESET {quote_ident(name)}")
         self.settings = dict(wanted)
-        return self.internal_query("; ".join(parts))
+        return self.internal_query("; ".join(parts), tell_client=tell_client)
 
-    def internal_query(self, sql: str) -> bytes:
+    def internal_query(self, sql: str, *, tell_client: bool = False) -> bytes:
         """A Query of the proxy's own, whose replies are dropped (errors are kept in
         `dropped_errors`)."""
         self.dropped_errors.clear()
-        self._close_unit(False)
+        self._close_unit(False, tell_client)
         return m.query(sql)
 
     def forget_session_state(self) -> None:
@@ -203,6 +206,7 @@ class ServerLink:
                 if kind == _Z:
                     forward = self._ready(data[pos + 5:end])
                 elif kind == _PARAM:
+                    forward = units[0][2] if units else True
                     self._param(data[pos + 5:end], forward)
                 elif kind == _ERROR:
                     if not forward:
@@ -243,7 +247,7 @@ class ServerLink:
     def _ready(self, payload: bytes) -> bool:
         if not self._units:
             raise BackendProtocolError("ReadyForQuery that no request asked for")
-        unit, forward = self._units.popleft()
+        unit, forward, _ = self._units.popleft()
         self.status = payload[:1]
         reqs = self._requests
         while reqs and reqs[0].unit <= unit:
