@@ -65,6 +65,7 @@ class ClientConnection(asyncio.Protocol):
         self.session_mode = False
         self.pending: list[tuple[int, bytes]] = []
         self.pending_bytes = 0
+        self.paused = False  # reading from the client paused while its messages wait
         self.acquiring = False
         self.skip_to_sync = False
         self.closed = False
@@ -231,8 +232,18 @@ class ClientConnection(asyncio.Protocol):
     def _send(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         self.queries += 1
         server = self.server
+        prefix = b""
+        if server is None and not self.pending and not self.acquiring and (
+                self.state != "starting"):
+            # The common case: an idle server connection is there to take.
+            assert self.pool is not None
+            server = self.pool.try_acquire()
+            if server is not None:
+                prefix = self._attach(server)
         if server is not None:
             data = self.statements.rewrite(msgs, server.link, raw)
+            if prefix:
+                data = prefix + data
             if self.reset is not None:
                 data += self._after_reset(server)
             server.write(data)
@@ -241,8 +252,9 @@ class ClientConnection(asyncio.Protocol):
             stats.queries += 1
             return
         self.pending.extend(msgs)
-        self.pending_bytes += sum(len(b) + 5 for _, b in msgs)
+        self.pending_bytes += len(raw) if raw is not None else sum(len(b) + 5 for _, b in msgs)
         if self.pending_bytes > PENDING_LIMIT and self.transport is not None:
+            self.paused = True
             self.transport.pause_reading()
         if self.state == "starting":
             return  # sent once the login is complete
@@ -254,7 +266,7 @@ class ClientConnection(asyncio.Protocol):
             assert pool is not None
             conn = pool.try_acquire()
             if conn is not None:
-                self._attach(conn)
+                self._write_attached(conn)
             else:
                 self.acquiring = True
                 asyncio.get_running_loop().create_task(self._acquire(pool))
@@ -302,25 +314,31 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             pool.release(conn)
             return
-        self._attach(conn)
+        self._write_attached(conn)
 
-    def _attach(self, conn: ServerConnection) -> None:
+    def _attach(self, conn: ServerConnection) -> bytes:
+        """Take `conn`; returns what must go to it first: the SETs that give it this client's
+        settings, and the messages that waited for it."""
         self.server = conn
         conn.client = self
         self.state = "active"
         out = conn.link.settings_query(self.settings) or b""
-        pending, self.pending = self.pending, []
-        self.pending_bytes = 0
-        if pending:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            self.pending_bytes = 0
             out += self.statements.rewrite(pending, conn.link, None)
-        if self.reset is not None:
-            out += self._after_reset(conn)
+            if self.reset is not None:
+                out += self._after_reset(conn)
+            if self.paused and self.transport is not None and not self.closed:
+                self.paused = False
+                self.transport.resume_reading()
+        return out
+
+    def _write_attached(self, conn: ServerConnection) -> None:
+        out = self._attach(conn)
         if out:
             conn.write(out)
-            assert self.pool is not None
-            self.pool.stats.bytes_in += len(out)
-        if self.transport is not None and not self.closed:
-            self.transport.resume_reading()
+            conn.pool.stats.bytes_in += len(out)
 
     def _fail_pending(self, err: PgError) -> None:
         """No server for the pending messages: answer each unit with the error, as a server
@@ -339,7 +357,8 @@ class ClientConnection(asyncio.Protocol):
         if sent_error:
             self.skip_to_sync = True  # an extended batch whose Sync is still to come
         self.write(b"".join(out))
-        if self.transport is not None and not self.closed:
+        if self.paused and self.transport is not None and not self.closed:
+            self.paused = False
             self.transport.resume_reading()
 
     def _skip_until_sync(self, msgs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:

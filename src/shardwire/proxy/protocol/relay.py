@@ -66,8 +66,7 @@ class _Request:
     kind: int  # _PARSE_DONE or _CLOSE_DONE
     name: bytes  # the server-side statement name, or b"" when nothing is tracked
     forward: bool  # whether the client is waiting for this reply
-    unit: int
-    done: bool = False
+    seq: int  # how many Parse and Close requests were sent before this one
     # For a client's Parse or Close of a named statement: undone if the server skips it.
     owner: ClientStatements | None = None
     client_name: bytes = b""
@@ -78,7 +77,8 @@ class ServerLink:
     """The proxy's view of one server connection. See the module docstring."""
 
     __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
-                 "_requests", "_unit_seq", "_dirty", "_stash", "_remaining", "_drop_current",
+                 "_requests", "_unit_seq", "_sent", "_replied", "_dirty", "_stash",
+                 "_remaining", "_drop_current",
                  "param_updates", "dropped_errors", "error_names")
 
     def __init__(self, max_prepared: int = 200) -> None:
@@ -87,9 +87,14 @@ class ServerLink:
         self.reported: dict[str, str] = {}  # every ParameterStatus value, as the server spells it
         self.status = b"I"  # the last ReadyForQuery status: I, T or E
         self.max_prepared = max_prepared
-        # (unit id, forward replies, forward ParameterStatus) of units awaiting their Z
-        self._units: deque[tuple[int, bool, bool]] = deque()
+        # Units awaiting their Z: (unit id, forward replies, forward ParameterStatus, how many
+        # Parse and Close requests had been sent when the unit closed).
+        self._units: deque[tuple[int, bool, bool, int]] = deque()
+        # Only the requests whose reply needs handling (dropped, or statements to track);
+        # the others are just counted.
         self._requests: deque[_Request] = deque()
+        self._sent = 0
+        self._replied = 0
         self._unit_seq = 0
         self._dirty = False  # messages sent since the last Sync/Query
         self._stash = b""  # an incomplete header or inspected message
@@ -121,25 +126,30 @@ class ServerLink:
             self._dirty = True
 
     def _close_unit(self, forward: bool, params: bool | None = None) -> None:
-        self._units.append((self._unit_seq, forward, forward if params is None else params))
+        self._units.append((self._unit_seq, forward, forward if params is None else params,
+                            self._sent))
         self._unit_seq += 1
         self._dirty = False
 
     def expect_parse(self, name: bytes, forward: bool, owner: ClientStatements | None = None,
                      client_name: bytes = b"", statement: PreparedStatement | None = None
                      ) -> None:
-        self._requests.append(_Request(_PARSE_DONE, name, forward, self._unit_seq, False,
-                                       owner, client_name, statement))
-        if name:
-            self.prepared[name] = None
+        if name or owner is not None or not forward:
+            self._requests.append(_Request(_PARSE_DONE, name, forward, self._sent, owner,
+                                           client_name, statement))
+            if name:
+                self.prepared[name] = None
+        self._sent += 1
 
     def expect_close(self, name: bytes, forward: bool, owner: ClientStatements | None = None,
                      client_name: bytes = b"", statement: PreparedStatement | None = None
                      ) -> None:
-        self._requests.append(_Request(_CLOSE_DONE, name, forward, self._unit_seq, False,
-                                       owner, client_name, statement))
-        if name:
-            self.prepared.pop(name, None)
+        if name or owner is not None or not forward:
+            self._requests.append(_Request(_CLOSE_DONE, name, forward, self._sent, owner,
+                                           client_name, statement))
+            if name:
+                self.prepared.pop(name, None)
+        self._sent += 1
 
     def settings_query(self, wanted: dict[str, str], *, tell_client: bool = False
                        ) -> bytes | None:
@@ -220,8 +230,17 @@ class ServerLink:
                             out += m.message(b"E", renamed)
                             run = end
                 else:
-                    req = self._next_request(kind)
-                    forward = forward and req.forward
+                    seq = self._replied
+                    if seq >= self._sent:
+                        raise BackendProtocolError(f"reply {chr(kind)!r} that no request "
+                                                   "asked for")
+                    self._replied = seq + 1
+                    reqs = self._requests
+                    if reqs and reqs[0].seq == seq:
+                        req = reqs.popleft()
+                        if req.kind != kind:
+                            raise BackendProtocolError(f"unexpected reply {chr(kind)!r}")
+                        forward = forward and req.forward
             elif end > n:
                 self._remaining = end - n
                 self._drop_current = not forward
@@ -247,38 +266,30 @@ class ServerLink:
     def _ready(self, payload: bytes) -> bool:
         if not self._units:
             raise BackendProtocolError("ReadyForQuery that no request asked for")
-        unit, forward, _ = self._units.popleft()
+        _, forward, _, sent = self._units.popleft()
         self.status = payload[:1]
+        # Requests of this unit still without a reply were failed or skipped by the server.
+        self._replied = sent
         reqs = self._requests
-        while reqs and reqs[0].unit <= unit:
+        while reqs and reqs[0].seq < sent:
             req = reqs.popleft()
-            if not req.done:
-                # The server failed or skipped it: undo what sending it assumed.
-                parse = req.kind == _PARSE_DONE
-                if req.name:
-                    if parse:
-                        self.prepared.pop(req.name, None)
-                    else:
-                        self.prepared[req.name] = None
-                if req.owner is not None and req.statement is not None:
-                    defined = req.owner.statements
-                    if parse:
-                        if defined.get(req.client_name) is req.statement:
-                            del defined[req.client_name]
-                    else:
-                        defined.setdefault(req.client_name, req.statement)
+            # Undo what sending it assumed.
+            parse = req.kind == _PARSE_DONE
+            if req.name:
+                if parse:
+                    self.prepared.pop(req.name, None)
+                else:
+                    self.prepared[req.name] = None
+            if req.owner is not None and req.statement is not None:
+                defined = req.owner.statements
+                if parse:
+                    if defined.get(req.client_name) is req.statement:
+                        del defined[req.client_name]
+                else:
+                    defined.setdefault(req.client_name, req.statement)
         if self.error_names and not self._units:
             self.error_names.clear()
         return forward
-
-    def _next_request(self, kind: int) -> _Request:
-        for req in self._requests:
-            if not req.done:
-                if req.kind != kind:
-                    raise BackendProtocolError(f"unexpected reply {chr(kind)!r}")
-                req.done = True
-                return req
-        raise BackendProtocolError(f"reply {chr(kind)!r} that no request asked for")
 
     def _rename_in_error(self, payload: bytes) -> bytes | None:
         for server_name, client_name in self.error_names.items():
