@@ -260,11 +260,11 @@ def test_changed_settings_names_what_differs() -> None:
         ({"shard": {}}, "shard: unknown key (allowed: "),
         ({"shard": {}}, "did you mean 'shards'?"),
         ({"port": 5}, "port: unknown key (allowed: listen, tls, auth, pool, database, "
-                      "admin_database, default_shard, catalog, users, shards); "
+                      "admin_database, default_shard, catalog, users, shards, sharding); "
                       "did you mean listen: {port: ...}?"),
         ({"auth_method": "trust"}, "auth_method: unknown key (allowed: listen, tls, auth, pool, "
                                    "database, admin_database, default_shard, catalog, users, "
-                                   "shards); did you mean auth: {method: ...}?"),
+                                   "shards, sharding); did you mean auth: {method: ...}?"),
         ({"users": {"app": {"pasword": "x"}}},
          "users.app.pasword: unknown key (allowed: password, scram_verifier, admin, pool_mode); "
          "did you mean 'password'?"),
@@ -398,7 +398,7 @@ default_shard: s1
     # only the unknown key, not a duplicate
     assert problems(text) == [
         "x-server: unknown key (allowed: listen, tls, auth, pool, database, admin_database, "
-        "default_shard, catalog, users, shards)"
+        "default_shard, catalog, users, shards, sharding)"
     ]
 
 

@@ -33,7 +33,9 @@ from shardwire.config.model import (
     User,
 )
 from shardwire.config.settings import SECTIONS, SETTINGS, Setting, section_names
+from shardwire.config.sharding import parse_sharding
 from shardwire.proxy.protocol.auth import make_scram_verifier, parse_scram_verifier
+from shardwire.router.shardmap import RuleKind, ShardMap
 
 DSN_FORM = "postgresql://user[:password]@host[:port]/database"
 SSLMODES = ("disable", "prefer", "require")
@@ -244,6 +246,14 @@ def _expand(text: str, env: Mapping[str, str]) -> tuple[str, bool, list[str]]:
     return _REFERENCE.sub(replace, text), used, problems
 
 
+def _has_unresolved(node: object) -> bool:
+    if isinstance(node, dict):
+        return any(_has_unresolved(value) for value in node.values())
+    if isinstance(node, list):
+        return any(_has_unresolved(item) for item in node)
+    return node is _UNRESOLVED
+
+
 # --- validation --------------------------------------------------------------------------
 
 
@@ -341,7 +351,13 @@ class _Reader:
                 f"must differ from database ({values['database']!r}), or clients could not "
                 "reach the shards",
             )
-        if self.problems:
+        sharding = self.sharding(tree.get("sharding"), shard_names, default_shard)
+        lookups = [rule.name for rule in sharding.rules.values()
+                   if rule.kind is RuleKind.LOOKUP] if sharding else []
+        if lookups and values["catalog"] is None and "catalog" not in self.failed:
+            self.problem("catalog", f"required by the lookup rule sharding.rules.{lookups[0]} "
+                                    "(its directory is a table in the catalog database)")
+        if self.problems or sharding is None:
             return None
 
         def settings_in(name: str) -> dict[str, Any]:
@@ -359,6 +375,7 @@ class _Reader:
             catalog=values["catalog"],
             admin_database=values["admin_database"],
             path=file,
+            sharding=sharding,
         )
 
     # -- generic ----------------------------------------------------------------------
@@ -520,6 +537,16 @@ class _Reader:
                 continue
             files[key] = str(file)
         return Tls(**files) if len(files) == 2 else None
+
+    def sharding(self, raw: object, shard_names: list[str], default_shard: str | None
+                 ) -> ShardMap | None:
+        """The shard map (docs/sharding.md); one with no rules when the section is absent."""
+        if _has_unresolved(raw):
+            # The variable's problem is reported; the value it left behind is not worth a
+            # second one.
+            return None
+        return parse_sharding(raw, shards=shard_names, default_shard=default_shard or "",
+                              problems=self.problems)
 
     def users(self, raw: object, auth_method: AuthMethod) -> dict[str, User]:
         entries = self.named_entries("users", raw, "a mapping of user name to settings")

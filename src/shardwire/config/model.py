@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import cast
+
+from shardwire.router.shardmap import ShardMap
 
 
 class PoolMode(enum.Enum):
@@ -90,3 +93,10 @@ class Config:
     catalog: ServerAddress | None = None
     admin_database: str = "shardwire"
     path: str | None = None  # the file it was loaded from, for RELOAD
+    # Where rows live. Never None once built: without a `sharding` section (or when a Config
+    # is made by hand) it is a map with no rules, every table on the default shard.
+    sharding: ShardMap = field(default=cast(ShardMap, None))
+
+    def __post_init__(self) -> None:
+        if self.sharding is None:
+            object.__setattr__(self, "sharding", ShardMap(tuple(self.shards), self.default_shard))

@@ -2,8 +2,8 @@
 
 Loading (`shardwire.config.load`) validates against this table, the admin console's
 `SHOW CONFIG` renders it, and RELOAD uses `changed_settings` to tell what it can apply.
-The collections `users` and `shards` are entries rather than settings; `SECTIONS` says
-whether RELOAD applies them.
+The collections `users` and `shards`, and the shard map `sharding`, are entries rather than
+settings; `SECTIONS` says whether RELOAD applies them.
 """
 
 from __future__ import annotations
@@ -137,6 +137,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("shards", False,
             "The shard servers; changing them takes a restart (moving data is the "
             "rebalancer's job, not RELOAD's)."),
+    Section("sharding", True,
+            "Where rows live: sharding rules and reference tables (docs/sharding.md); "
+            "RELOAD routes new statements by the new map."),
 )
 
 

@@ -130,7 +130,7 @@ def _range_shard(ranges: tuple[RangeBound, ...], key: KeyValue) -> str | None:
 
 def hash_key(key: KeyValue) -> int:
     """A stable 64-bit hash of a key's canonical text form (documented in docs/sharding.md:
-    the first 8 bytes of BLAKE2b of the UTF-8 text, big-endian)."""
+    BLAKE2b with an 8-byte digest of the UTF-8 text, read big-endian)."""
     return int.from_bytes(hashlib.blake2b(canonical_text(key).encode(), digest_size=8).digest(),
                           "big")
 
@@ -141,6 +141,8 @@ def canonical_text(key: KeyValue) -> str:
             key = key.astimezone(datetime.UTC)
         return key.isoformat(sep=" ")
     if isinstance(key, Decimal):
+        if key.is_zero():
+            return "0"  # PostgreSQL has no negative zero
         return format(key.normalize(), "f")
     if isinstance(key, uuid.UUID):
         return str(key)
