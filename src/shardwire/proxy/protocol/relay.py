@@ -40,12 +40,15 @@ _ENDS_UNIT = frozenset(b"SQF")
 # Extended-protocol messages whose batch is open until a Sync. (Flush and the COPY messages
 # neither open nor close one.)
 _OPENS_BATCH = frozenset(b"PBDEC")
+_REWRITTEN = frozenset(b"PBDC")  # messages that may name a prepared statement
 _INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR))
 
 # The name used to acknowledge a client's Parse of a statement the server already has: the
 # proxy sends Parse of an empty query under this name and closes it at once.
 _ACK_NAME = b"sw_ack"
-_CLOSED_NAME = b"sw_closed"  # Close of a name no server has: the server answers CloseComplete
+_CLOSED_NAME = b"sw_closed"
+# A statement name no server has: binding it fails, which carries a refusal in order.
+_REFUSED_NAME = b"sw_refused"  # Close of a name no server has: the server answers CloseComplete
 
 
 # Reported parameters a client can change; the others describe the server or the login.
@@ -79,7 +82,7 @@ class ServerLink:
     __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
                  "_requests", "_unit_seq", "_sent", "_replied", "_dirty", "_stash",
                  "_remaining", "_drop_current",
-                 "param_updates", "dropped_errors", "error_names")
+                 "param_updates", "dropped_errors", "error_names", "replace_errors")
 
     def __init__(self, max_prepared: int = 200) -> None:
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
@@ -106,6 +109,10 @@ class ServerLink:
         self.dropped_errors: list[bytes] = []
         # Server-side names to show as the client's own in error messages (42P05).
         self.error_names: dict[bytes, bytes] = {}
+        # Errors to show instead of the server's, by unit: a refusal of the proxy's own sent as
+        # a failing message so that it arrives in order and aborts the transaction as
+        # PostgreSQL's own error would.
+        self.replace_errors: dict[int, bytes] = {}
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -176,6 +183,18 @@ class ServerLink:
         self._close_unit(False, tell_client)
         return m.query(sql)
 
+    def refusal(self, error: bytes, *, own_unit: bool) -> bytes:
+        """Messages that make the server fail in order, the failure shown as `error` (a whole
+        ErrorResponse). `own_unit`: they end with a Sync of their own (in place of a Query);
+        otherwise they join the client's open batch, whose Sync comes later."""
+        self.replace_errors[self._unit_seq] = error
+        bind = m.message(b"B", b"\x00" + _REFUSED_NAME + b"\x00\x00\x00\x00\x00\x00\x00")
+        self._dirty = True
+        if own_unit:
+            self._close_unit(True)
+            return bind + m.SYNC
+        return bind
+
     def forget_session_state(self) -> None:
         """After DISCARD ALL: nothing is prepared and the settings are the server's defaults."""
         self.prepared.clear()
@@ -199,6 +218,7 @@ class ServerLink:
             if self._drop_current:
                 run = pos
         units = self._units
+        unit_forward = units[0][1] if units else True
         while pos < n:
             if n - pos < 5:
                 self._stash = data[pos:]
@@ -208,19 +228,28 @@ class ServerLink:
             if length < 4:
                 raise BackendProtocolError(f"message length {length} for type {kind}")
             end = pos + 1 + length
-            forward = units[0][1] if units else True
+            forward = unit_forward
             if kind in _INSPECT:
                 if end > n:
                     self._stash = data[pos:]
                     break
                 if kind == _Z:
                     forward = self._ready(data[pos + 5:end])
+                    unit_forward = units[0][1] if units else True
                 elif kind == _PARAM:
                     forward = units[0][2] if units else True
                     self._param(data[pos + 5:end], forward)
                 elif kind == _ERROR:
                     if not forward:
                         self.dropped_errors.append(data[pos + 5:end])
+                    elif self.replace_errors and (
+                            (units[0][0] if units else self._unit_seq) in self.replace_errors):
+                        unit = units[0][0] if units else self._unit_seq
+                        if out is None:
+                            out = bytearray()
+                        out += data[run:pos]
+                        out += self.replace_errors.pop(unit)
+                        run = end
                     elif self.error_names:
                         renamed = self._rename_in_error(data[pos + 5:end])
                         if renamed is not None:
@@ -266,7 +295,9 @@ class ServerLink:
     def _ready(self, payload: bytes) -> bool:
         if not self._units:
             raise BackendProtocolError("ReadyForQuery that no request asked for")
-        _, forward, _, sent = self._units.popleft()
+        unit, forward, _, sent = self._units.popleft()
+        if self.replace_errors:
+            self.replace_errors.pop(unit, None)
         self.status = payload[:1]
         # Requests of this unit still without a reply were failed or skipped by the server.
         self._replied = sent
@@ -340,7 +371,7 @@ class ClientStatements:
         """
         parts: list[bytes] | None = None
         for i, (kind, body) in enumerate(msgs):
-            new = self._rewrite_one(kind, body, link)
+            new = self._rewrite_one(kind, body, link) if kind in _REWRITTEN else None
             if new is not None:
                 if parts is None:
                     parts = [m.message(bytes((k,)), b) for k, b in msgs[:i]]
