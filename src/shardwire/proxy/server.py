@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import re
 import secrets
 import signal
 import ssl
@@ -16,7 +17,11 @@ from collections.abc import Callable
 from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
+from ..router.analyze import Analysis, Kind
 from ..router.classify import SessionReset, session_reset, session_state_reason
+from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
+from ..router.route import RouteContext
+from ..router.shardmap import ShardMap
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -28,6 +33,7 @@ from .protocol.framing import (
     check_frontend_message,
 )
 from .protocol.relay import ClientStatements
+from .routing import StatementRouter, parse_param_types, read_bind
 
 log = logging.getLogger("shardwire")
 
@@ -43,6 +49,11 @@ PENDING_LIMIT = 4 * 1024 * 1024
 
 _Q, _P, _S, _X = ord("Q"), ord("P"), ord("S"), ord("X")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
+# A BEGIN the proxy may answer itself and send later, with the first statement's shard.
+_PLAIN_BEGIN = re.compile(
+    rb"(?is)^\s*(begin|start\s+transaction)(\s+(work|transaction))?"
+    rb"(\s*,?\s*(isolation\s+level\s+(serializable|repeatable\s+read|read\s+committed|"
+    rb"read\s+uncommitted)|read\s+(only|write)|(not\s+)?deferrable))*\s*;?\s*$")
 
 
 class ClientConnection(asyncio.Protocol):
@@ -76,6 +87,16 @@ class ClientConnection(asyncio.Protocol):
         self.connected_at = time.time()
         self.state = "login"
         self.queries = 0
+        # Routing by shard map (used when the map shards anything; see _dispatch).
+        self.batch: list[tuple[int, bytes]] = []  # messages not yet sent: no shard chosen
+        self.backlog: list[tuple[int, bytes]] = []  # messages waiting for the client's turn
+        self.waiting = False
+        self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
+        self.shard_session: str | None = None  # SET shardwire.shard
+        self.shard_local: str | None = None  # SET LOCAL shardwire.shard
+        self.key_session: str | None = None
+        self.key_local: str | None = None
+        self.analyses: dict[bytes, tuple[tuple[Analysis, ...], tuple[int, ...]]] = {}
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -224,10 +245,16 @@ class ClientConnection(asyncio.Protocol):
                     self._inspect_sql(kind, body)
             elif kind == _X:
                 if i:
-                    self._send(msgs[:i], None)
+                    self._deliver(msgs[:i], None)
                 self.close()
                 return
-        self._send(msgs, raw)
+        self._deliver(msgs, raw)
+
+    def _deliver(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        if self.proxy.router.active:
+            self._dispatch(msgs)
+        else:
+            self._send(msgs, raw)
 
     def _send(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         self.queries += 1
@@ -371,14 +398,291 @@ class ClientConnection(asyncio.Protocol):
                 return msgs[i:]
         return []
 
+    # -- routing by shard map ----------------------------------------------------------------
+    #
+    # Messages are taken in order. A message that decides the shard (a Query, a Bind whose
+    # statement touches a sharded table, a Sync or Flush) gets a server connection of that
+    # shard, and the messages held back before it (a Parse waiting for its Bind) go there
+    # first. While the client waits for a connection, or for its server to finish before the
+    # proxy answers something itself, later messages wait in `backlog`.
+
+    def _dispatch(self, msgs: list[tuple[int, bytes]]) -> None:
+        if self.waiting:
+            self.backlog.extend(msgs)
+            return
+        for i, (kind, body) in enumerate(msgs):
+            if self.skip_to_sync:
+                if kind == _S:
+                    self.skip_to_sync = False
+                    self.write(m.ready_for_query(self._status()))
+                continue
+            if not self._dispatch_one(kind, body):
+                self.backlog[:0] = msgs[i:]
+                return
+            if self.waiting:
+                self.backlog[:0] = msgs[i + 1:]
+                return
+
+    def _resume(self) -> None:
+        self.waiting = False
+        backlog, self.backlog = self.backlog, []
+        if backlog:
+            self._dispatch(backlog)
+
+    def _status(self) -> bytes:
+        if self.server is not None:
+            return self.server.link.status
+        return b"T" if self.begin_sql is not None else b"I"
+
+    def _context(self) -> RouteContext:
+        return RouteContext(shard=self.shard_local or self.shard_session,
+                            key=self.key_local or self.key_session)
+
+    def _dispatch_one(self, kind: int, body: bytes) -> bool:
+        """Handle one message; False if it must wait for the server to finish first."""
+        router = self.proxy.router
+        server = self.server
+        if kind == _Q:
+            sql = body[:-1]
+            local = self._local_query(sql)
+            if local is not None:
+                if server is not None and server.link.busy:
+                    self.waiting = True
+                    return False
+                if self.batch:
+                    self._send_batch(self.proxy.config.default_shard, [])
+                    self.waiting = True
+                    return False
+                self.write(local + m.ready_for_query(self._status()))
+                return True
+            plan = router.plan_query(sql, self._context(), self._timezone())
+            self._execute(plan, (kind, body), ends_unit=True)
+            return True
+        if kind == _P:
+            name_end = body.index(0)
+            sql_end = body.index(0, name_end + 1)
+            analyses = router.prepared(body[name_end + 1:sql_end])
+            self.analyses[body[:name_end]] = (analyses, parse_param_types(body))
+            self._forward((kind, body))
+            return True
+        if kind == ord("B"):
+            _, statement, params = read_bind(body)
+            known = self.analyses.get(statement)
+            if known is None:
+                self._forward((kind, body))  # the server says it does not exist
+                return True
+            plan = router.plan_bind(known[0], known[1], params, self._context(),
+                                    self._timezone())
+            self._execute(plan, (kind, body), ends_unit=False)
+            return True
+        if kind in (_S, ord("H"), ord("F")):
+            if server is not None:
+                self._forward((kind, body))
+            elif self.batch or kind != ord("H"):
+                if not self.batch and kind == _S and self.begin_sql is None:
+                    self.write(m.ready_for_query(b"I"))  # nothing to answer but the Sync
+                    return True
+                self._send_batch(self.proxy.config.default_shard, [(kind, body)])
+            return True
+        if kind in (ord("d"), ord("c"), ord("f")) and server is None:
+            return True  # outside COPY PostgreSQL ignores them too
+        self._forward((kind, body))
+        return True
+
+    def _timezone(self) -> str:
+        return self.settings.get("timezone", "UTC")
+
+    def _forward(self, msg: tuple[int, bytes]) -> None:
+        if self.server is not None:
+            self._write_server([msg])
+        else:
+            self.batch.append(msg)
+
+    def _write_server(self, msgs: list[tuple[int, bytes]], extra: bytes = b"") -> None:
+        server = self.server
+        assert server is not None
+        data = self.statements.rewrite(msgs, server.link, None) + extra
+        if self.reset is not None:
+            data += self._after_reset(server)
+        server.write(data)
+        stats = server.pool.stats
+        stats.bytes_in += len(data)
+        stats.queries += 1
+
+    def _execute(self, plan: Plan, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
+        self.queries += 1
+        target: str | None
+        match plan:
+            case SingleShard(shard=shard):
+                target = shard
+            case AnyShard():
+                target = self.server.pool.shard if self.server is not None else None
+            case Refusal(sqlstate=code, message=text, hint=hint):
+                self._refuse(PgError(code, text, hint), msg, ends_unit=ends_unit)
+                return
+            case MultiShard(shards=shards, write=True):
+                self._refuse(PgError(
+                    "0A000", f"the statement writes on several shards ({', '.join(shards)}); "
+                    "writes across shards need distributed transactions, which this version "
+                    "of Shardwire does not run yet",
+                    hint="write the rows of one shard per statement (one key, or keys of one "
+                    "shard)"), msg, ends_unit=ends_unit)
+                return
+            case MultiShard(shards=shards):
+                self._refuse(PgError(
+                    "0A000", f"the query needs rows from several shards ({', '.join(shards)}); "
+                    "this version of Shardwire does not merge results across shards yet",
+                    hint="add a condition on the sharding key that selects one shard, or "
+                    "name a shard with a /* shard: name */ comment"), msg, ends_unit=ends_unit)
+                return
+            case NeedLookup(rule=rule):
+                self._refuse(PgError(
+                    "0A000", f"lookup rule {rule}: directory lookups are not available in "
+                    "this version of Shardwire", hint="use a tenant, category, range or hash "
+                    "rule"), msg, ends_unit=ends_unit)
+                return
+        if target is None:
+            if not ends_unit:
+                self.batch.append(msg)  # no decision yet: the next Bind or Sync decides
+                return
+            target = self.proxy.config.default_shard
+        server = self.server
+        if server is None:
+            self._send_batch(target, [msg])
+        elif server.pool.shard == target:
+            self._write_server([msg])
+        else:
+            self._refuse(PgError(
+                "0A000", f"this transaction runs on shard {server.pool.shard}, and the "
+                f"statement needs shard {target}; transactions across shards are not "
+                "supported by this version of Shardwire",
+                hint="keep each transaction on the keys of one shard"), msg,
+                ends_unit=ends_unit)
+
+    def _send_batch(self, shard: str, msgs: list[tuple[int, bytes]],
+                    extra: bytes = b"") -> None:
+        """Send the held-back batch and `msgs` to a server of `shard`, once there is one."""
+        self.batch.extend(msgs)
+        pool = self.proxy.pool_for(shard)
+        self.pool = pool
+        conn = pool.try_acquire()
+        if conn is not None:
+            self._attach_for_batch(conn, extra)
+            return
+        self.waiting = self.acquiring = True
+        asyncio.get_running_loop().create_task(self._acquire_for_batch(pool, extra))
+
+    async def _acquire_for_batch(self, pool: Pool, extra: bytes) -> None:
+        try:
+            conn = await pool.acquire()
+        except PgError as e:
+            self.acquiring = False
+            self.pending, self.batch = self.batch, []
+            self._fail_pending(e)
+            self._resume()
+            return
+        self.acquiring = False
+        if self.closed:
+            pool.release(conn)
+            return
+        self._attach_for_batch(conn, extra)
+        if not conn.link.busy:
+            self._resume()  # nothing was sent that would call server_ready
+
+    def _attach_for_batch(self, conn: ServerConnection, extra: bytes) -> None:
+        prefix = self._attach(conn)
+        if self.begin_sql is not None:
+            prefix += conn.link.internal_query(self.begin_sql.decode("utf-8", "replace"))
+            self.begin_sql = None
+        batch, self.batch = self.batch, []
+        if prefix:
+            conn.write(prefix)
+        self._write_server(batch, extra)
+
+    def _refuse(self, err: PgError, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
+        """Answer `msg` with `err`, in order and with the transaction state PostgreSQL would
+        leave: through the server when the client holds one (or has a batch or transaction
+        waiting for one), else at once."""
+        error = m.error_response(err)
+        if self.server is None and not self.batch and self.begin_sql is None:
+            if ends_unit:
+                self.write(error + m.ready_for_query(b"I"))
+            else:
+                self.write(error)
+                self.skip_to_sync = True
+            return
+        if self.server is None:
+            self._send_batch(self.proxy.config.default_shard, [], b"")
+            if self.server is None:
+                # Waiting for a connection: the refusal goes once there is one.
+                self.backlog.insert(0, msg)
+                return
+        server = self.server
+        assert server is not None
+        self._write_server([], server.link.refusal(error, own_unit=ends_unit))
+
+    def _local_query(self, sql: bytes) -> bytes | None:
+        """Replies for a Query the proxy answers itself (SET shardwire.*, a BEGIN or COMMIT
+        with no shard yet), or None."""
+        analyses = self.proxy.router.prepared(sql)
+        if len(analyses) != 1:
+            return None
+        a = analyses[0]
+        if a.set_shardwire is not None:
+            return self._shardwire_setting(*a.set_shardwire)
+        if a.kind is not Kind.TRANSACTION or self.server is not None:
+            return None
+        word = a.words[0] if a.words else ""
+        if word in ("begin", "start") and self.begin_sql is None and _PLAIN_BEGIN.match(sql):
+            self.begin_sql = sql
+            return m.command_complete("BEGIN")
+        if self.begin_sql is not None and word in ("commit", "end", "rollback", "abort") and (
+                len(a.words) == 1 or a.words[1] in ("work", "transaction")):
+            self.begin_sql = None
+            self.shard_local = self.key_local = None
+            return m.command_complete("COMMIT" if word in ("commit", "end") else "ROLLBACK")
+        return None
+
+    def _shardwire_setting(self, name: str, value: str, local: bool) -> bytes:
+        if name.startswith("show:"):
+            name = name[5:]
+            current = (self.shard_local or self.shard_session) if name == "shard" else (
+                self.key_local or self.key_session)
+            return (m.row_description([(f"shardwire.{name}", m.TEXT_OID)])
+                    + m.data_row([current or ""]) + m.command_complete("SHOW"))
+        if name == "shard" and value and value not in self.proxy.config.shards:
+            return m.error_response(PgError(
+                "22023", f'invalid value for parameter "shardwire.shard": "{value}"',
+                hint="known shards: " + ", ".join(self.proxy.config.shards)))
+        in_transaction = self._status() != b"I"
+        if local and not in_transaction:
+            return m.notice_response("SET LOCAL can only be used in transaction blocks",
+                                     sqlstate="25P01", severity="WARNING") + (
+                m.command_complete("SET"))
+        if name == "shard":
+            if local:
+                self.shard_local = value or None
+            else:
+                self.shard_session = value or None
+        else:
+            if local:
+                self.key_local = value or None
+            else:
+                self.key_session = value or None
+        return m.command_complete("SET")
+
     # -- callbacks from the server connection -----------------------------------------------
 
     def server_ready(self, conn: ServerConnection) -> None:
         """The server answered everything sent so far."""
-        if conn.link.status == b"I" and self.pinned is None:
-            self.server = None
-            self.state = "idle"
-            conn.pool.release(conn)
+        if conn.link.status == b"I":
+            self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
+            if self.pinned is None:
+                self.server = None
+                self.state = "idle"
+                conn.pool.release(conn)
+        if self.waiting and not self.acquiring:
+            self._resume()
 
     def note_parameters(self, updates: list[tuple[str, str]]) -> None:
         for key, value in updates:
@@ -441,6 +745,9 @@ class Proxy:
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
+        smap = getattr(config, "sharding", None) or ShardMap(tuple(config.shards),
+                                                             config.default_shard)
+        self.router = StatementRouter(smap)
         for shard in config.shards.values():
             key = f"{shard.name}/primary"
             old = self.pools.get(key)
@@ -459,6 +766,9 @@ class Proxy:
             self.tls_context = ctx
         else:
             self.tls_context = None
+
+    def pool_for(self, shard: str) -> Pool:
+        return self.pools[f"{shard}/primary"]
 
     @property
     def default_pool(self) -> Pool:

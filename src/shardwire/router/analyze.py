@@ -46,6 +46,9 @@ class Slot:
     param: int = 0
     literal: str | None = None
     cast: str | None = None  # a cast applied to it (`'42'::int`), lower-case type name
+    string: bool = False  # the literal was quoted ('42'), not a number (42)
+    negate: bool = False  # written with a minus sign before it
+    null: bool = False  # the literal NULL
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +107,7 @@ class KeyClass:
 
     tables: tuple[TableName, ...]
     condition: Cond
+    inserted: bool = False  # holds the INSERT's target: its keys are the inserted rows'
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,17 +125,24 @@ class Analysis:
     reason: str = ""
     words: tuple[str, ...] = ()  # leading keywords, lower-case
     set_shardwire: tuple[str, str, bool] | None = None  # SET shardwire.x = v (name, value, local)
+    explain_only: bool = False  # EXPLAIN without ANALYZE: any one shard of the plan shows it
 
     @property
     def sharded(self) -> bool:
         return self.rule is not None
 
 
-_HINT = re.compile(rb"/\*\s*shard\s*:\s*([A-Za-z_][A-Za-z0-9_]*)\s*\*/")
-# sqlglot's tokenizer reads `,$2` as the start of a dollar-quoted string: add a space, outside
-# quotes (SQLGLOT.md).
-_COMMA_PARAM = re.compile(
-    rb"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\w*)\$.*?\$\1\$|,(\$\d)", re.S)
+_HINT = re.compile(rb"^/\*\s*shard\s*:\s*([A-Za-z_][A-Za-z0-9_]*)\s*\*/$")
+# Quoted strings, quoted identifiers, dollar quotes and comments: what a scan for hints,
+# parameters or names must step over (group 2: a comment).
+_SKIP = rb"'(?:[^']|'')*'|\"(?:[^\"]|\"\")*\"|\$(\w*)\$.*?\$\1\$|(/\*.*?\*/|--[^\n]*)"
+_COMMENTS = re.compile(_SKIP, re.S)
+# sqlglot's tokenizer reads `,$2` (or `($2`) as the start of a dollar-quoted string: add a
+# space before such parameters, outside quotes (SQLGLOT.md).
+_GLUED_PARAM = re.compile(_SKIP + rb"|(?<=[,(])(\$\d)", re.S)
+_NAME = rb"(?:\"(?:[^\"]|\"\")+\"|[A-Za-z_][\w$]*)"
+_NAMES = re.compile(rb"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$|(/\*.*?\*/|--[^\n]*)|("
+                    + _NAME + rb"(?:\s*\.\s*" + _NAME + rb")?)", re.S)
 
 _SESSION_WORDS = frozenset({
     "set", "show", "reset", "discard", "listen", "unlisten", "notify", "deallocate", "load",
@@ -145,21 +156,31 @@ _DDL_WORDS = frozenset({
 
 
 def fix_comma_params(sql: str) -> str:
-    if ",$" not in sql:
+    if ",$" not in sql and "($" not in sql:
         return sql
     raw = sql.encode()
-    fixed = _COMMA_PARAM.sub(lambda mt: b", " + mt.group(2) if mt.group(2) else mt.group(0),
+    fixed = _GLUED_PARAM.sub(lambda mt: b" " + mt.group(3) if mt.group(3) else mt.group(0),
                              raw)
     return fixed.decode()
+
+
+def shard_hint(sql: bytes) -> str | None:
+    """The shard named by a `/* shard: name */` comment (not by the same text in a string)."""
+    for mt in _COMMENTS.finditer(sql):
+        comment = mt.group(2)
+        if comment is not None:
+            found = _HINT.match(comment)
+            if found:
+                return found.group(1).decode()
+    return None
 
 
 def analyze(sql: bytes, smap: ShardMap) -> Analysis:
     """Analyse one statement (no top-level `;` inside)."""
     hint = None
     if b"/*" in sql:
-        found = _HINT.search(sql)
-        if found:
-            hint = found.group(1).decode()
+        hint = shard_hint(sql)
+        if hint is not None:
             if hint not in smap.shards:
                 return Analysis(Kind.READ, refusal=Refusal(
                     "22023", f'the shard hint names an unknown shard "{hint}"',
@@ -221,17 +242,34 @@ def _unparsed(base: Analysis, sql: bytes, smap: ShardMap) -> Analysis:
         hint="use a /* shard: name */ comment or SET shardwire.shard to run it on one shard"))
 
 
-def _named_tables(sql: bytes, smap: ShardMap) -> list[str]:
-    text = sql.decode("utf-8", "replace").lower()
-    out = []
-    for rule in smap.rules.values():
-        for table in rule.tables:
-            if table.name.lower() in text:
-                out.append(str(table))
-    for table in smap.reference:
-        if table.name.lower() in text:
-            out.append(str(table))
+def _named_tables(sql: bytes, smap: ShardMap, *, placed: bool = True) -> list[TableName]:
+    """Names in the text (outside quotes and comments) that are sharded or reference tables;
+    with `placed=False`, every name that could be a table."""
+    out: list[TableName] = []
+    for mt in _NAMES.finditer(sql):
+        text = mt.group(3)
+        if text is None:
+            continue
+        parts = [p.strip() for p in _split_dotted(text)]
+        folded = [p[1:-1].replace(b'""', b'"').decode("utf-8", "replace") if p.startswith(b'"')
+                  else p.decode("utf-8", "replace").lower() for p in parts]
+        name = TableName(*folded) if len(folded) == 2 else TableName("public", folded[0])
+        if not placed or smap.table(name) is not None:
+            out.append(name)
     return out
+
+
+def _split_dotted(text: bytes) -> list[bytes]:
+    if text.startswith(b'"'):
+        end = text.index(b'"', 1)
+        while text[end + 1:end + 2] == b'"':
+            end = text.index(b'"', end + 2)
+        head, rest = text[:end + 1], text[end + 1:]
+    else:
+        head, _, rest = text.partition(b".")
+        rest = b"." + rest if rest else b""
+    rest = rest.strip()
+    return [head, rest[1:].strip()] if rest.startswith(b".") else [head]
 
 
 def _shardwire_setting(base: Analysis, sql: bytes, words: tuple[str, ...]) -> Analysis:
@@ -260,6 +298,15 @@ def _shardwire_setting(base: Analysis, sql: bytes, words: tuple[str, ...]) -> An
 
 def _tables_statement(base: Analysis, sql: bytes, smap: ShardMap, kind: Kind) -> Analysis:
     """DDL, maintenance and LOCK: they go to every shard that has one of their tables."""
+    verb = base.words[0].upper()
+    if kind is Kind.MAINTENANCE or verb == "LOCK":
+        # Their grammar is simple (names after options); sqlglot does not parse most of them.
+        walker = _Walker(smap, _replace(base, kind=kind))
+        for name in _named_tables(sql, smap, placed=False):
+            if smap.table(name) is not None:
+                walker.add_table(name, writes=verb == "LOCK")
+        walker.kind = kind if walker.refs or walker.reference else Kind.WRITE
+        return walker.result(f"{verb} of its tables")
     try:
         tree = sqlglot.parse_one(sql.decode("utf-8", "replace"), read="postgres")
     except (ParseError, TokenError, ValueError, RecursionError):
@@ -267,18 +314,30 @@ def _tables_statement(base: Analysis, sql: bytes, smap: ShardMap, kind: Kind) ->
     if tree is None or isinstance(tree, exp.Command):
         named = _named_tables(sql, smap)
         if not named:
-            return _replace(base, kind=kind, reason=f"{base.words[0].upper()} of unsharded "
-                            "objects: the default shard")
+            return _replace(base, kind=kind, reason=f"{verb} of unsharded objects: the default "
+                            "shard")
         return _replace(base, kind=kind, refusal=Refusal(
-            "0A000", f"Shardwire cannot analyse this {base.words[0].upper()} statement, and it "
-            f"names the sharded or reference table {named[0]}",
+            "0A000", f"Shardwire cannot analyse this {verb} statement, and it names the "
+            f"sharded or reference table {named[0]}",
             hint="run it on each shard directly, or with a /* shard: name */ comment"))
+    query = tree.args.get("expression") if isinstance(tree, exp.Create) else None
+    if isinstance(query, exp.Query):
+        # CREATE TABLE ... AS SELECT: a new unsharded table filled from the query.
+        walker = _Walker(smap, _replace(base, kind=Kind.WRITE))
+        target = tree.this.this if isinstance(tree.this, exp.Schema) else tree.this
+        if isinstance(target, exp.Table):
+            created = walker.table_name(target, None)
+            if created is not None:
+                walker.add_table(created, writes=True)
+        walker.statement(query)
+        walker.kind = Kind.WRITE
+        return walker.result("CREATE TABLE AS")
     walker = _Walker(smap, _replace(base, kind=kind))
     for table in tree.find_all(exp.Table):
-        name = walker.table_name(table)
-        if name is not None:
-            walker.add_table(name, writes=kind is not Kind.MAINTENANCE)
-    return walker.result(f"{base.words[0].upper()} of its tables")
+        found = walker.table_name(table, None)
+        if found is not None:
+            walker.add_table(found, writes=True)
+    return walker.result(f"{verb} of its tables")
 
 
 def _prepare(base: Analysis, sql: bytes, smap: ShardMap) -> Analysis:
@@ -297,8 +356,10 @@ def _explain(base: Analysis, sql: bytes, smap: ShardMap) -> Analysis:
                    rb"(?:analy[sz]e\s+|verbose\s+)*)", b"", sql, count=1)
     result = analyze(inner, smap)
     analyse = re.match(rb"(?is)^\s*explain\s*(\([^)]*analy[sz]e|analy[sz]e)", sql) is not None
-    kind = result.kind if analyse else Kind.READ
-    return _replace(result, kind=kind, words=base.words, hint_shard=base.hint_shard)
+    if analyse:
+        return _replace(result, words=base.words, hint_shard=base.hint_shard)
+    return _replace(result, kind=Kind.READ, words=base.words, hint_shard=base.hint_shard,
+                    explain_only=True)
 
 
 def _copy(base: Analysis, sql: bytes, smap: ShardMap) -> Analysis:
@@ -315,7 +376,7 @@ def _copy(base: Analysis, sql: bytes, smap: ShardMap) -> Analysis:
     walker = _Walker(smap, _replace(base, kind=Kind.WRITE if from_stdin else Kind.READ))
     try:
         name = walker.table_name(exp.to_table(m.group(1).decode("utf-8", "replace"),
-                                              dialect="postgres"))
+                                              dialect="postgres"), None)
     except (ParseError, TokenError, ValueError):
         name = None
     if name is None:
@@ -350,6 +411,7 @@ class _Ref:
 
     table: TableName
     key: str
+    depth: int  # how deep in subqueries: conditions deeper than a class's top do not narrow it
     cond: Cond = UNKNOWN
     parent: _Ref | None = None  # union-find over key equalities
 
@@ -363,8 +425,21 @@ class _Ref:
 @dataclass(slots=True)
 class _Scope:
     parent: _Scope | None
+    depth: int = 0
     aliases: dict[str, _Ref | None] = field(default_factory=dict)  # None: not sharded
     refs: list[_Ref] = field(default_factory=list)
+    ctes: set[str] = field(default_factory=set)  # WITH names visible here
+
+    def child(self) -> _Scope:
+        return _Scope(self, self.depth + 1)
+
+    def is_cte(self, name: str) -> bool:
+        s: _Scope | None = self
+        while s is not None:
+            if name in s.ctes:
+                return True
+            s = s.parent
+        return False
 
 
 class _Walker:
@@ -379,8 +454,9 @@ class _Walker:
         self.kind = base.kind
         self.refusal: Refusal | None = None
         self.insert_keys: tuple[Slot | None, ...] | None = None
+        self.insert_target: _Ref | None = None
         self.new_key: Slot | None = None
-        self.ctes: set[str] = set()
+        self.done: set[int] = set()  # subqueries already walked (semi-joins)
 
     # -- results --
 
@@ -392,16 +468,24 @@ class _Walker:
                 f"{names[1]}), whose rows live on different shards",
                 hint="query them separately, or put the tables under one rule so that they "
                 "are co-located")
-        classes: dict[int, tuple[list[TableName], Cond]] = {}
+        members: dict[int, list[_Ref]] = {}
         for ref in self.refs:
-            root = ref.root()
-            tables, cond = classes.get(id(root), ([], UNKNOWN))
-            tables.append(ref.table)
-            classes[id(root)] = (tables, conjoin(cond, ref.cond))
+            members.setdefault(id(ref.root()), []).append(ref)
+        classes = []
+        for refs in members.values():
+            # Only the conditions at the class's top level narrow its rows: a condition inside
+            # a subquery (NOT EXISTS, a select-list subquery...) filters the subquery's rows,
+            # not the rows the statement returns or changes.
+            top = min(r.depth for r in refs)
+            cond: Cond = UNKNOWN
+            for r in refs:
+                if r.depth == top:
+                    cond = conjoin(cond, r.cond)
+            inserted = self.insert_target is not None and self.insert_target in refs
+            classes.append(KeyClass(tuple(r.table for r in refs), cond, inserted))
         rule = next(iter(self.rules.values())) if len(self.rules) == 1 else None
         return Analysis(
-            kind=self.kind, rule=rule,
-            classes=tuple(KeyClass(tuple(t), c) for t, c in classes.values()),
+            kind=self.kind, rule=rule, classes=tuple(classes),
             unsharded=tuple(dict.fromkeys(self.unsharded)),
             reference=tuple(dict.fromkeys(self.reference)),
             writes=tuple(dict.fromkeys(self.writes)), insert_keys=self.insert_keys,
@@ -414,14 +498,14 @@ class _Walker:
 
     # -- tables --
 
-    def table_name(self, table: exp.Table) -> TableName | None:
+    def table_name(self, table: exp.Table, scope: _Scope | None) -> TableName | None:
         ident = table.this
         if not isinstance(ident, exp.Identifier):
             return None  # a function in FROM
         name = _fold(ident)
         db = table.args.get("db")
         if db is None:
-            if name in self.ctes:
+            if scope is not None and scope.is_cte(name):
                 return None
             return TableName("public", name)
         schema = _fold(db) if isinstance(db, exp.Identifier) else str(db.name).lower()
@@ -440,7 +524,7 @@ class _Walker:
         else:
             assert placement.rule is not None
             self.rules[placement.rule.name] = placement.rule
-            ref = _Ref(name, placement.column)
+            ref = _Ref(name, placement.column, scope.depth if scope is not None else 0)
             self.refs.append(ref)
             if scope is not None:
                 scope.refs.append(ref)
@@ -451,127 +535,176 @@ class _Walker:
     # -- statements --
 
     def statement(self, tree: exp.Expr) -> Analysis:
-        self._ctes(tree)
+        scope = _Scope(None)
+        if not isinstance(tree, exp.Query):
+            self._with(tree, scope)
         if isinstance(tree, exp.Insert):
             self.kind = Kind.WRITE
-            self._insert(tree)
+            self._insert(tree, scope)
             return self.result("INSERT")
         if isinstance(tree, exp.Update):
             self.kind = Kind.WRITE
-            self._update(tree)
+            self._update(tree, scope)
             return self.result("UPDATE")
         if isinstance(tree, exp.Delete):
             self.kind = Kind.WRITE
-            self._delete(tree)
+            self._delete(tree, scope)
             return self.result("DELETE")
         if isinstance(tree, exp.Merge):
             self.kind = Kind.WRITE
             for table in tree.find_all(exp.Table):
-                name = self.table_name(table)
+                name = self.table_name(table, scope)
                 if name is not None:
                     self.add_table(name, writes=True)
             if self.refs:
                 self.refuse("MERGE into or from a sharded table is not supported",
                             "use INSERT ... ON CONFLICT or UPDATE with the key")
             return self.result("MERGE")
+        if isinstance(tree, exp.Select) and tree.args.get("into") is not None:
+            # SELECT ... INTO: a new unsharded table filled from the query.
+            self.kind = Kind.WRITE
+            into = tree.args["into"].this
+            if isinstance(into, exp.Table):
+                name = self.table_name(into, None)
+                if name is not None:
+                    self.add_table(name, writes=True)
+            self._query(tree, scope, same_scope=True)
+            return self.result("SELECT INTO")
         if isinstance(tree, exp.Query):
-            self._query(tree, None)
+            self._query(tree, scope, same_scope=True)
             return self.result("SELECT")
+        if isinstance(tree, exp.Values):
+            for sub in _direct_selects(tree):
+                self._query(sub, scope)
+            return self.result("VALUES")
         # Anything else sqlglot parsed (rare): route by the tables it names, as a write.
         self.kind = Kind.WRITE
         for table in tree.find_all(exp.Table):
-            name = self.table_name(table)
+            name = self.table_name(table, scope)
             if name is not None:
                 self.add_table(name, writes=True)
         return self.result(type(tree).__name__.upper())
 
-    def _ctes(self, tree: exp.Expr) -> None:
-        for cte in tree.find_all(exp.CTE):
-            self.ctes.add(_fold(cte.args["alias"].this))
-        for cte in list(tree.find_all(exp.CTE)):
+    def _with(self, node: exp.Expr, scope: _Scope) -> None:
+        """The WITH clause of `node`: each CTE body sees the names defined before it (and
+        itself, if RECURSIVE); the statement sees them all."""
+        with_ = node.args.get("with_") or node.args.get("with")
+        if not isinstance(with_, exp.With):
+            return
+        recursive = bool(with_.args.get("recursive"))
+        for cte in with_.expressions:
+            name = _fold(cte.args["alias"].this)
+            if recursive:
+                scope.ctes.add(name)
             body = cte.this
+            inner = scope.child()
             if isinstance(body, (exp.Insert, exp.Update, exp.Delete)):
+                # Its rows are changed whatever the statement selects: it counts as a write at
+                # the statement's own level.
                 self.kind = Kind.WRITE
-                {exp.Insert: self._insert, exp.Update: self._update,
-                 exp.Delete: self._delete}[type(body)](body)  # type: ignore[operator]
+                level = _Scope(scope, scope.depth)
+                if isinstance(body, exp.Insert):
+                    if self.insert_target is not None:
+                        self.refuse("a statement with two INSERTs into sharded tables is not "
+                                    "supported", "run the INSERTs as statements of their own")
+                    self._insert(body, level)
+                elif isinstance(body, exp.Update):
+                    self._update(body, level)
+                else:
+                    self._delete(body, level)
             elif isinstance(body, exp.Query):
-                self._query(body, None)
+                self._query(body, inner, same_scope=True)
+            scope.ctes.add(name)
 
-    def _query(self, node: exp.Expr, parent: _Scope | None) -> _Scope | None:
-        if isinstance(node, exp.SetOperation):
-            self._query(node.this, parent)
-            self._query(node.expression, parent)
-            return None
+    def _query(self, node: exp.Expr, scope: _Scope, *, same_scope: bool = False,
+               semi: bool = False) -> _Scope | None:
+        """A query in `scope`'s context: its own scope is a child of `scope`, unless
+        `same_scope` (the statement's top level, or a CTE body). A `semi` subquery (EXISTS
+        or IN in a conjunct of WHERE) filters the outer rows: its conditions count at the
+        outer level. Returns the query's scope when it is a plain SELECT."""
         if isinstance(node, exp.Subquery):
-            return self._query(node.this, parent)
+            return self._query(node.this, scope, same_scope=same_scope, semi=semi)
+        self.done.add(id(node))
+        own = scope if same_scope else (_Scope(scope, scope.depth) if semi else scope.child())
+        self._with(node, own)
+        if isinstance(node, exp.SetOperation):
+            self._query(node.this, own)
+            self._query(node.expression, own)
+            return None
         if not isinstance(node, exp.Select):
-            for sub in node.find_all(exp.Select):
-                self._query(sub, parent)
+            for sub in _direct_selects(node):
+                self._query(sub, own)
             return None
         if node.args.get("locks"):
             self.kind = Kind.WRITE if self.kind is Kind.READ else self.kind
-        scope = _Scope(parent)
         from_ = node.args.get("from_") or node.args.get("from")
         sources = [from_.this] if from_ is not None else []
         joins = node.args.get("joins") or []
         sources += [j.this for j in joins]
         for source in sources:
-            self._source(source, scope)
+            self._source(source, own)
         for join in joins:
+            inner = not join.side or join.side.upper() not in ("LEFT", "RIGHT", "FULL")
             if join.args.get("on") is not None:
-                self._conditions(join.args["on"], scope)
+                self._conditions(join.args["on"], own, restrict=inner)
             using = join.args.get("using")
             if using:
-                self._using(join, using, scope)
+                self._using(using, own)
         where = node.args.get("where")
         if where is not None:
-            self._conditions(where.this, scope)
-        self._subqueries(node, scope)
-        return scope
+            self._conditions(where.this, own)
+        self._subqueries(node, own)
+        return own
 
     def _source(self, source: exp.Expr, scope: _Scope) -> None:
         if isinstance(source, exp.Table):
-            name = self.table_name(source)
+            name = self.table_name(source, scope)
             if name is None:
                 if isinstance(source.this, exp.Identifier):  # a CTE
-                    scope.aliases[source.alias_or_name.lower()] = None
+                    scope.aliases[_alias(source) or _fold(source.this)] = None
                 return
             self.add_table(name, scope=scope, alias=_alias(source) or name.name)
         elif isinstance(source, exp.Subquery):
             self._query(source.this, scope)
-            if source.alias:
-                scope.aliases[source.alias.lower()] = None
+            alias = _alias(source)
+            if alias:
+                scope.aliases[alias] = None
         elif isinstance(source, exp.Lateral):
             for sub in source.find_all(exp.Select):
                 self._query(sub, scope)
         # VALUES lists, functions: nothing sharded.
 
-    def _subqueries(self, node: exp.Select, scope: _Scope) -> None:
-        """Subqueries in the select list, WHERE, HAVING... (FROM ones are done already)."""
+    def _subqueries(self, node: exp.Expr, scope: _Scope,
+                    keys: tuple[str, ...] = ("expressions", "where", "having", "group", "order",
+                                             "qualify")) -> None:
+        """Subqueries in the select list, WHERE, HAVING, ON... (FROM ones are done already)."""
         for join in node.args.get("joins") or []:
             if join.args.get("on") is not None:
                 for sub in _direct_selects(join.args["on"]):
                     self._query(sub, scope)
-        for key in ("expressions", "where", "having", "group", "order"):
+        for key in keys:
             value = node.args.get(key)
             items = value if isinstance(value, list) else [value] if value is not None else []
             for item in items:
                 for sub in _direct_selects(item):
-                    self._query(sub, scope)
+                    if id(sub) not in self.done:
+                        self._query(sub, scope)
 
-    def _using(self, join: exp.Join, using: list[exp.Expr], scope: _Scope) -> None:
-        # JOIN ... USING (key): the joined table's key equals the left side's.
-        right = _alias(join.this) if isinstance(join.this, exp.Table) else None
+    def _using(self, using: list[exp.Expr], scope: _Scope) -> None:
+        # JOIN ... USING (key): the joined tables' keys are equal.
         for col in using:
-            colname = col.name.lower()
+            colname = _fold(col.this) if isinstance(col, exp.Column) and isinstance(
+                col.this, exp.Identifier) else _fold(col)
             refs = [r for r in scope.refs if r.key == colname]
-            if right is not None and len(refs) >= 2:
-                for other in refs[1:]:
-                    _union(refs[0], other)
+            for other in refs[1:]:
+                _union(refs[0], other)
 
     # -- conditions --
 
-    def _conditions(self, expr: exp.Expr, scope: _Scope) -> None:
+    def _conditions(self, expr: exp.Expr, scope: _Scope, *, restrict: bool = True) -> None:
+        """Key equalities of `expr` join tables; with `restrict`, its key conditions narrow
+        the tables of this scope (not in the ON clause of an outer join, which filters
+        nothing)."""
         for conjunct in _conjuncts(expr):
             if isinstance(conjunct, exp.EQ):
                 left = self._key_ref(conjunct.this, scope)
@@ -579,10 +712,34 @@ class _Walker:
                 if left is not None and right is not None:
                     _union(left, right)
                     continue
+            if not restrict:
+                continue
+            if isinstance(conjunct, exp.Exists):
+                self._query(conjunct.this, scope, semi=True)
+                continue
+            if isinstance(conjunct, exp.In) and conjunct.args.get("query") is not None:
+                self._semi_in(conjunct, scope)
+                continue
             for ref in scope.refs:
                 cond = self._restriction(conjunct, ref, scope)
                 if not isinstance(cond, Unknown):
                     ref.cond = conjoin(ref.cond, cond)
+
+    def _semi_in(self, node: exp.In, scope: _Scope) -> None:
+        """`key IN (SELECT key FROM ...)`: the outer rows' keys are among the subquery's."""
+        query = node.args["query"]
+        inner = self._query(query, scope, semi=True)
+        select = query.this if isinstance(query, exp.Subquery) else query
+        left = self._key_ref(node.this, scope)
+        if inner is None or left is None or not isinstance(select, exp.Select) or len(
+                select.expressions) != 1:
+            return
+        item = select.expressions[0]
+        if isinstance(item, exp.Alias):
+            item = item.this
+        right = self._key_ref(item, inner)
+        if right is not None:
+            _union(left, right)
 
     def _key_ref(self, expr: exp.Expr, scope: _Scope) -> _Ref | None:
         """The sharded table reference whose key column `expr` is, if it is one."""
@@ -605,9 +762,10 @@ class _Walker:
         # Unqualified: the innermost scope with a sharded table keyed on that column.
         while s is not None:
             matches = [r for r in s.refs if r.key == column]
-            if len(matches) == 1:
-                return matches[0]
             if matches:
+                root = matches[0].root()
+                if all(r.root() is root for r in matches):
+                    return matches[0]  # one table, or tables joined USING the key
                 return None  # ambiguous: PostgreSQL refuses it anyway
             if any(ref is None for ref in s.aliases.values()):
                 return None  # an unsharded source here might have the column
@@ -629,28 +787,28 @@ class _Walker:
             return Or((left, right))
         if isinstance(expr, exp.EQ):
             for col, other in ((expr.this, expr.expression), (expr.expression, expr.this)):
-                if self._key_ref(col, scope) is ref:
+                if self._is_key_of(col, ref, scope):
                     slot = _slot(other)
                     if slot is not None:
                         return Eq(slot)
             return UNKNOWN
         if isinstance(expr, exp.In):
-            if self._key_ref(expr.this, scope) is ref and not expr.args.get("query") and (
+            if self._is_key_of(expr.this, ref, scope) and not expr.args.get("query") and (
                     not expr.args.get("unnest")):
                 slots = [_slot(e) for e in expr.expressions]
                 if slots and all(s is not None for s in slots):
                     return In(tuple(s for s in slots if s is not None))
             return UNKNOWN
         if isinstance(expr, exp.Between):
-            if self._key_ref(expr.this, scope) is ref and not expr.args.get("symmetric"):
+            if self._is_key_of(expr.this, ref, scope) and not expr.args.get("symmetric"):
                 low, high = _slot(expr.args["low"]), _slot(expr.args["high"])
                 if low is not None and high is not None:
                     return Interval(low, True, high, True)
             return UNKNOWN
         if isinstance(expr, (exp.GT, exp.GTE, exp.LT, exp.LTE)):
-            if self._key_ref(expr.this, scope) is ref:
+            if self._is_key_of(expr.this, ref, scope):
                 col_left, other = True, expr.expression
-            elif self._key_ref(expr.expression, scope) is ref:
+            elif self._is_key_of(expr.expression, ref, scope):
                 col_left, other = False, expr.this
             else:
                 return UNKNOWN
@@ -665,6 +823,11 @@ class _Walker:
             return Interval(None, False, slot, inclusive)
         return UNKNOWN
 
+    def _is_key_of(self, expr: exp.Expr, ref: _Ref, scope: _Scope) -> bool:
+        found = self._key_ref(expr, scope)
+        return found is not None and (found is ref or (
+            found.root() is ref.root() and found in scope.refs and ref in scope.refs))
+
     # -- writes --
 
     def _target(self, node: exp.Expr, scope: _Scope) -> _Ref | None:
@@ -673,29 +836,57 @@ class _Walker:
             table = table.this
         if not isinstance(table, exp.Table):
             return None
-        name = self.table_name(table)
+        name = self.table_name(table, scope)
         if name is None:
             return None
         return self.add_table(name, writes=True, scope=scope,
                               alias=_alias(table) or name.name)
 
-    def _insert(self, node: exp.Insert) -> None:
-        scope = _Scope(None)
+    def _assigns_key(self, assignment: exp.Expr, target: _Ref) -> tuple[bool, Slot | None]:
+        """Whether an assignment (`key = v`, `(a, key) = (v, w)`) sets the key, and the new
+        value when it is a literal or parameter."""
+        if not isinstance(assignment, exp.EQ):
+            return False, None
+        left, right = assignment.this, assignment.expression
+        if isinstance(left, exp.Column) and isinstance(left.this, exp.Identifier):
+            if _fold(left.this) == target.key:
+                return True, _slot(right)
+            return False, None
+        if isinstance(left, (exp.Tuple, exp.Paren)):
+            columns = left.expressions if isinstance(left, exp.Tuple) else [left.this]
+            for i, col in enumerate(columns):
+                if isinstance(col, exp.Column) and isinstance(col.this, exp.Identifier) and (
+                        _fold(col.this) == target.key):
+                    values = right.expressions if isinstance(right, exp.Tuple) else []
+                    return True, _slot(values[i]) if i < len(values) else None
+        return False, None
+
+    def _insert(self, node: exp.Insert, scope: _Scope) -> None:
         target = self._target(node.this, scope)
+        if target is not None:
+            self.insert_target = target
         columns = [_fold(c) if isinstance(c, exp.Identifier) else c.name.lower()
                    for c in (node.this.expressions if isinstance(node.this, exp.Schema)
                              else [])]
         source = node.expression
+        # Subqueries anywhere but the source (VALUES items, RETURNING, ON CONFLICT).
+        for key in ("returning", "conflict"):
+            value = node.args.get(key)
+            if value is not None:
+                for sub in _direct_selects(value):
+                    self._query(sub, scope)
+        if isinstance(source, exp.Values):
+            for sub in _direct_selects(source):
+                self._query(sub, scope)
         conflict = node.args.get("conflict")
         if conflict is not None and target is not None:
             for assignment in conflict.args.get("expressions") or []:
-                if isinstance(assignment, exp.EQ) and isinstance(assignment.this, exp.Column) \
-                        and assignment.this.name.lower() == target.key:
+                if self._assigns_key(assignment, target)[0]:
                     self.refuse(f"INSERT ... ON CONFLICT DO UPDATE may not change the "
                                 f"sharding key {target.key} of {target.table}",
                                 "delete the row and insert it with the new key")
         if target is None:
-            if source is not None:
+            if isinstance(source, exp.Query):
                 self._query(source, scope)
             return
         if not columns:
@@ -715,12 +906,13 @@ class _Walker:
             self.insert_keys = tuple(keys)
             return
         if isinstance(source, exp.Query):
-            inner = self._query(source, None)
             select = source
             while isinstance(select, exp.Subquery):
                 select = select.this
-            if inner is not None and isinstance(select, exp.Select) and \
-                    position < len(select.expressions):
+            # The selected rows are the inserted rows: their conditions count at this level.
+            inner = _Scope(scope, scope.depth)
+            self._query(select, inner, same_scope=True)
+            if isinstance(select, exp.Select) and position < len(select.expressions):
                 item = select.expressions[position]
                 if isinstance(item, exp.Alias):
                     item = item.this
@@ -735,8 +927,7 @@ class _Walker:
         self.refuse(f"this form of INSERT into the sharded table {target.table} is not "
                     "supported", "use INSERT ... VALUES with the key column")
 
-    def _update(self, node: exp.Update) -> None:
-        scope = _Scope(None)
+    def _update(self, node: exp.Update, scope: _Scope) -> None:
         target = self._target(node.this, scope)
         from_ = node.args.get("from_") or node.args.get("from")
         if from_ is not None:
@@ -749,31 +940,26 @@ class _Walker:
         if where is not None:
             self._conditions(where.this, scope)
         for assignment in node.expressions:
-            if target is not None and isinstance(assignment, exp.EQ) and \
-                    isinstance(assignment.this, exp.Column) and \
-                    assignment.this.name.lower() == target.key:
-                slot = _slot(assignment.expression)
-                if slot is None:
-                    self.refuse(f"UPDATE may not set the sharding key {target.key} of "
-                                f"{target.table} to a computed value",
-                                "delete the row and insert it with the new key")
-                self.new_key = slot
+            if target is not None:
+                sets_key, slot = self._assigns_key(assignment, target)
+                if sets_key:
+                    if slot is None:
+                        self.refuse(f"UPDATE may not set the sharding key {target.key} of "
+                                    f"{target.table} to a computed value",
+                                    "delete the row and insert it with the new key")
+                    self.new_key = slot
             for sub in _direct_selects(assignment):
                 self._query(sub, scope)
-        if where is not None:
-            for sub in _direct_selects(where):
-                self._query(sub, scope)
+        self._subqueries(node, scope, ("where", "returning"))
 
-    def _delete(self, node: exp.Delete) -> None:
-        scope = _Scope(None)
+    def _delete(self, node: exp.Delete, scope: _Scope) -> None:
         self._target(node.this, scope)
         for using in node.args.get("using") or []:
             self._source(using, scope)
         where = node.args.get("where")
         if where is not None:
             self._conditions(where.this, scope)
-            for sub in _direct_selects(where):
-                self._query(sub, scope)
+        self._subqueries(node, scope, ("where", "returning"))
 
 
 def _union(a: _Ref, b: _Ref) -> None:
@@ -819,23 +1005,34 @@ def _direct_selects(node: exp.Expr) -> list[exp.Select]:
 
 
 def _slot(expr: exp.Expr) -> Slot | None:
-    """A literal or a parameter, possibly cast; None for anything computed."""
+    """A literal or a parameter, possibly cast or negated; None for anything computed."""
     cast = None
-    while isinstance(expr, (exp.Cast, exp.Paren)):
-        if isinstance(expr, exp.Cast):
-            cast = cast or expr.to.sql("postgres").lower()
-        expr = expr.this
-    if isinstance(expr, exp.Neg):
-        inner = expr.this
-        if isinstance(inner, exp.Literal) and not inner.is_string:
-            return Slot(literal="-" + str(inner.this), cast=cast)
-        return None
+    negate = False
+    while True:
+        if isinstance(expr, exp.Paren):
+            expr = expr.this
+        elif isinstance(expr, exp.Cast):
+            if cast is None:  # the outermost cast decides the value compared
+                cast = expr.to.sql("postgres").lower()
+            elif negate:
+                return None  # -(x::a)::b: too clever to follow
+            expr = expr.this
+        elif isinstance(expr, exp.Neg) and not negate:
+            if cast is not None:
+                return None  # (-x)::t: cast applies after the minus; keep it simple
+            negate = True
+            expr = expr.this
+        else:
+            break
+    if isinstance(expr, exp.Null):
+        return Slot(null=True, cast=cast)
     if isinstance(expr, exp.Literal):
-        return Slot(literal=str(expr.this), cast=cast)
+        if negate and expr.is_string:
+            return None
+        return Slot(literal=str(expr.this), cast=cast, string=bool(expr.is_string),
+                    negate=negate)
     if isinstance(expr, exp.Parameter):
         inner = expr.this
         if isinstance(inner, exp.Literal) and not inner.is_string:
-            return Slot(param=int(inner.this), cast=cast)
-    if isinstance(expr, exp.Placeholder):
-        return None
+            return Slot(param=int(inner.this), cast=cast, negate=negate)
     return None

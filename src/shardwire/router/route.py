@@ -68,9 +68,13 @@ def route(a: Analysis, smap: ShardMap, values: Values,
     if a.kind in (Kind.SESSION, Kind.TRANSACTION):
         return AnyShard(a.reason)
     try:
-        return _route(a, smap, values, ctx)
+        plan = _route(a, smap, values, ctx)
     except _Missing as m:
         return NeedLookup(m.rule.name, tuple(sorted(m.keys, key=repr)))
+    if a.explain_only and isinstance(plan, MultiShard):
+        # EXPLAIN runs nothing: one shard shows the plan.
+        return SingleShard(plan.shards[0], "EXPLAIN without ANALYZE: the plan on one shard")
+    return plan
 
 
 def _route(a: Analysis, smap: ShardMap, values: Values, ctx: RouteContext) -> Plan:
@@ -80,17 +84,19 @@ def _route(a: Analysis, smap: ShardMap, values: Values, ctx: RouteContext) -> Pl
     if a.kind in (Kind.DDL, Kind.MAINTENANCE) and (rule is not None or a.reference):
         # The table exists on every shard: so does its schema.
         return _many(smap.shards, write, f"{a.reason}: every shard has the table")
+    if a.writes and any(t in a.reference for t in a.writes):
+        if a.classes or a.unsharded:
+            return Refusal("0A000", "a write to a reference table may read only reference "
+                           "tables: every shard must compute the same rows",
+                           hint="write the reference table in a statement of its own, with "
+                           "the values given")
+        return _many(smap.shards, True, "a write to a reference table goes to every shard")
     if rule is None:
-        if a.writes and any(t in a.reference for t in a.writes):
-            return _many(smap.shards, True, "a write to a reference table goes to every shard")
         if a.unsharded or a.kind is Kind.WRITE:
             return SingleShard(default, "unsharded tables live on the default shard")
         if a.reference:
             return SingleShard(default, "reference tables: any shard has them")
         return AnyShard("no table: any shard")
-    if a.writes and any(t in a.reference for t in a.writes):
-        return Refusal("0A000", "a statement may not write a reference table and read a sharded "
-                       "one", hint="write the reference table in a statement of its own")
     key_type = rule.key_type
 
     def resolve(slot: Slot) -> tuple[KeyValue | None, bool]:
@@ -100,21 +106,29 @@ def _route(a: Analysis, smap: ShardMap, values: Values, ctx: RouteContext) -> Pl
         except ValueError:
             return None, False
 
+    inserted: frozenset[str] | None = None
     if a.insert_keys is not None:
-        return _insert(a, rule, resolve, ctx)
+        found = _insert(a, rule, resolve, ctx)
+        if isinstance(found, Refusal):
+            return found
+        inserted = found
+    forced_key: frozenset[str] | None = None
     if ctx.key is not None and all(isinstance(c.condition, Unknown) for c in a.classes):
         try:
-            key = values(Slot(literal=ctx.key), key_type)
+            key = values(Slot(literal=ctx.key, string=True), key_type)
         except ValueError as e:
             return Refusal("22P02", f"SET shardwire.key: {e}")
         shard = _shard_of(rule, key, ctx) if key is not None else None
         if shard is None:
             return Refusal("23514", f"no shard for key {key!r} of rule {rule.name}")
-        return SingleShard(shard, f"SET shardwire.key {ctx.key} maps to {shard}")
+        forced_key = frozenset((shard,))
     sets: list[frozenset[str]] = []
     for cls in a.classes:
-        found = _shards(cls.condition, rule, resolve, ctx)
-        sets.append(frozenset(rule.shards) if found is None else found)
+        if cls.inserted and inserted is not None:
+            sets.append(inserted)
+            continue
+        narrowed = forced_key or _shards(cls.condition, rule, resolve, ctx)
+        sets.append(frozenset(rule.shards) if narrowed is None else narrowed)
     union = frozenset().union(*sets) if sets else frozenset()
     if len(sets) > 1 and len(union) > 1:
         tables = [str(t) for cls in a.classes for t in cls.tables]
@@ -160,7 +174,8 @@ def _many(shards: tuple[str, ...], write: bool, reason: str) -> Plan:
 
 def _insert(a: Analysis, rule: Rule,
             resolve: Callable[[Slot], tuple[KeyValue | None, bool]],
-            ctx: RouteContext) -> Plan:
+            ctx: RouteContext) -> frozenset[str] | Refusal:
+    """The shards of the rows an INSERT ... VALUES writes, or why it is refused."""
     assert a.insert_keys is not None
     table = next((t for t in a.writes), None)
     shards: list[str] = []
@@ -189,10 +204,7 @@ def _insert(a: Analysis, rule: Rule,
         shards.append(shard)
     if missing:
         raise _Missing(rule, missing)
-    distinct = tuple(dict.fromkeys(shards))
-    if len(distinct) == 1:
-        return SingleShard(distinct[0], _because(a, rule, distinct[0]))
-    return MultiShard(distinct, True, f"the rows belong to shards {', '.join(distinct)}")
+    return frozenset(shards)
 
 
 def _slot_text(slot: Slot) -> str:
@@ -235,8 +247,15 @@ def _shards(cond: Cond, rule: Rule, resolve: Callable[[Slot], tuple[KeyValue | N
                 return None
             if high is None:
                 return frozenset()
+        low_inclusive, high_inclusive = cond.low_inclusive, cond.high_inclusive
+        if rule.key_type is KeyType.INTEGER:
+            # Integer keys: `> 99` is `>= 100`, `< 100` is `<= 99`.
+            if low is not None and not low_inclusive:
+                low, low_inclusive = low + 1, True
+            if high is not None and not high_inclusive:
+                high, high_inclusive = high - 1, True
         try:
-            return rule.shards_between(low, cond.low_inclusive, high, cond.high_inclusive)
+            return rule.shards_between(low, low_inclusive, high, high_inclusive)
         except TypeError:
             return None
     if isinstance(cond, And):

@@ -1,0 +1,254 @@
+"""Routing as the proxy uses it: cached analyses, values from literals and Bind messages.
+
+The decisions themselves are the router's pure functions (`shardwire.router`); this module
+keeps their caches and reads the values out of the client's messages.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
+
+from ..router.analyze import Analysis, Kind, Slot, analyze
+from ..router.classify import split_statements
+from ..router.fingerprint import LITERAL_BASE, Literal, fingerprint
+from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
+from ..router.route import RouteContext, route
+from ..router.shardmap import KeyType, KeyValue, ShardMap
+from ..router.values import decode_param, parse_number, to_key
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+
+CACHE_LIMIT = 10_000  # analyses kept per proxy; the cache starts over when full
+
+
+@dataclass(frozen=True, slots=True)
+class BindValues:
+    """The parameters of a Bind message, undecoded."""
+
+    formats: tuple[int, ...]
+    values: tuple[bytes | None, ...]
+
+    def format_of(self, index: int) -> int:
+        if not self.formats:
+            return 0
+        if len(self.formats) == 1:
+            return self.formats[0]
+        return self.formats[index] if index < len(self.formats) else 0
+
+
+def read_bind(body: bytes) -> tuple[bytes, bytes, BindValues]:
+    """(portal, statement, parameters) of a Bind message body."""
+    p = body.index(0)
+    s = body.index(0, p + 1)
+    pos = s + 1
+    (nformats,) = _I16.unpack_from(body, pos)
+    pos += 2
+    formats = struct.unpack_from(f"!{nformats}h", body, pos) if nformats > 0 else ()
+    pos += 2 * max(nformats, 0)
+    (nvalues,) = _I16.unpack_from(body, pos)
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(max(nvalues, 0)):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos:pos + length])
+            pos += length
+    return body[:p], body[p + 1:s], BindValues(tuple(formats), tuple(values))
+
+
+def parse_param_types(parse_body: bytes) -> tuple[int, ...]:
+    """The parameter type OIDs a Parse message declares (0 = let the server infer)."""
+    q = parse_body.index(0, parse_body.index(0) + 1)
+    (count,) = _I16.unpack_from(parse_body, q + 1)
+    return struct.unpack_from(f"!{count}I", parse_body, q + 3) if count > 0 else ()
+
+
+class StatementRouter:
+    """Routes statements for one shard map, caching what does not depend on values."""
+
+    def __init__(self, smap: ShardMap) -> None:
+        self.smap = smap
+        self._simple: dict[bytes, tuple[Analysis, ...]] = {}
+        self._prepared: dict[bytes, tuple[Analysis, ...]] = {}
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether routing can send anything anywhere but the default shard."""
+        return self.smap.sharded
+
+    def analyses(self, sql: bytes, cache: dict[bytes, tuple[Analysis, ...]]
+                 ) -> tuple[Analysis, ...]:
+        found = cache.get(sql)
+        if found is not None:
+            self.hits += 1
+            return found
+        self.misses += 1
+        statements = split_statements(sql) if b";" in sql else [sql]
+        result = tuple(analyze(s, self.smap) for s in statements) or (
+            Analysis(Kind.SESSION, reason="empty query"),)
+        if len(cache) >= CACHE_LIMIT:
+            cache.clear()
+        cache[sql] = result
+        return result
+
+    def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC") -> Plan:
+        """The plan of a simple Query (all its statements)."""
+        printed = fingerprint(sql)
+        literals: tuple[Literal, ...] = ()
+        if printed is not None:
+            shape, literals = printed
+            analyses = self.analyses(shape, self._simple)
+        else:
+            analyses = self.analyses(sql, self._prepared)
+
+        def values(slot: Slot, key_type: KeyType) -> KeyValue | None:
+            if slot.null:
+                return None
+            if slot.literal is not None:
+                return literal_value(slot, slot.literal, slot.string, key_type, timezone)
+            index = slot.param - LITERAL_BASE - 1
+            if 0 <= index < len(literals):
+                lit = literals[index]
+                return literal_value(slot, lit.text, lit.is_string, key_type, timezone)
+            raise ValueError(f"no value for ${slot.param}")
+
+        return combine([route(a, self.smap, values, ctx) for a in analyses])
+
+    def prepared(self, sql: bytes) -> tuple[Analysis, ...]:
+        return self.analyses(sql, self._prepared)
+
+    def plan_bind(self, analyses: Sequence[Analysis], param_types: Sequence[int],
+                  params: BindValues, ctx: RouteContext, timezone: str = "UTC") -> Plan:
+        def values(slot: Slot, key_type: KeyType) -> KeyValue | None:
+            if slot.null:
+                return None
+            if slot.literal is not None:
+                return literal_value(slot, slot.literal, slot.string, key_type, timezone)
+            index = slot.param - 1
+            if not 0 <= index < len(params.values):
+                raise ValueError(f"no value for ${slot.param}")
+            oid = param_types[index] if index < len(param_types) else 0
+            cast_type = _cast_type(slot.cast) if slot.cast else None
+            if slot.cast and cast_type is None:
+                raise ValueError(f"cannot follow the cast to {slot.cast}")
+            value = decode_param(params.values[index], params.format_of(index), oid,
+                                 cast_type or key_type, timezone=timezone)
+            if value is None:
+                return None
+            if cast_type is not None and cast_type is not key_type:
+                value = to_key(value, key_type, timezone=timezone)
+            return _negated(value) if slot.negate else value
+
+        return combine([route(a, self.smap, values, ctx) for a in analyses])
+
+    def plan_unbound(self, analyses: Sequence[Analysis], ctx: RouteContext) -> Plan:
+        """For a Describe before any Bind: where the statement's tables are; the schema is the
+        same on every shard, so any shard of the plan will do."""
+        def values(slot: Slot, key_type: KeyType) -> KeyValue | None:
+            if slot.null:
+                return None
+            if slot.literal is not None:
+                return literal_value(slot, slot.literal, slot.string, key_type, "UTC")
+            raise ValueError("not bound yet")
+        return combine([route(a, self.smap, values, ctx) for a in analyses])
+
+
+_CAST_TYPES = {
+    "int": KeyType.INTEGER, "integer": KeyType.INTEGER, "int4": KeyType.INTEGER,
+    "bigint": KeyType.INTEGER, "int8": KeyType.INTEGER, "smallint": KeyType.INTEGER,
+    "int2": KeyType.INTEGER, "numeric": KeyType.NUMERIC, "decimal": KeyType.NUMERIC,
+    "text": KeyType.TEXT, "varchar": KeyType.TEXT, "character varying": KeyType.TEXT,
+    "date": KeyType.DATE, "timestamp": KeyType.TIMESTAMP,
+    "timestamp without time zone": KeyType.TIMESTAMP, "timestamptz": KeyType.TIMESTAMPTZ,
+    "timestamp with time zone": KeyType.TIMESTAMPTZ, "uuid": KeyType.UUID,
+}
+
+
+_TYPMOD = re.compile(r"^(char|character|bpchar|numeric|decimal)\s*\(\s*(\d+)\s*"
+                     r"(?:,\s*(\d+)\s*)?\)$")
+
+
+def _cast_type(cast: str) -> KeyType | None:
+    """The key type a cast gives its value; None for casts routing does not follow (float,
+    money...: their values may change in ways routing would not see)."""
+    cast = cast.strip()
+    found = _CAST_TYPES.get(cast)
+    if found is not None:
+        return found
+    m = _TYPMOD.match(cast)
+    if m:
+        return KeyType.NUMERIC if m.group(1) in ("numeric", "decimal") else KeyType.TEXT
+    if cast in ("char", "character", "bpchar"):
+        return KeyType.TEXT
+    return None
+
+
+def _apply_typmod(cast: str, value: KeyValue) -> KeyValue:
+    """What char(n) and numeric(p, s) casts do to a value: char pads to n (compared without
+    its trailing spaces, so strip them) and cuts what is longer; numeric rounds to s places
+    (half away from zero) and fails past p digits."""
+    m = _TYPMOD.match(cast.strip())
+    if cast.strip() in ("char", "character", "bpchar"):
+        return str(value)[:1].rstrip(" ") if cast.strip() != "bpchar" else str(value).rstrip(" ")
+    if not m:
+        return value
+    if m.group(1) in ("numeric", "decimal"):
+        scale = int(m.group(3) or 0)
+        rounded = Decimal(value).quantize(Decimal(1).scaleb(-scale), rounding=ROUND_HALF_UP)
+        if len(rounded.as_tuple().digits) > int(m.group(2)) and rounded != 0:
+            raise ValueError(f"numeric field overflow for {cast}")
+        return rounded
+    return str(value)[:int(m.group(2))].rstrip(" ")
+
+
+def _negated(value: KeyValue) -> KeyValue:
+    if isinstance(value, (int, Decimal)) and not isinstance(value, bool):
+        return -value
+    raise ValueError("a minus sign before a value that is not a number")
+
+
+def literal_value(slot: Slot, text: str, is_string: bool, key_type: KeyType,
+                  timezone: str) -> KeyValue:
+    """A literal's value as the key type, following its cast and minus sign as PostgreSQL
+    would. Raises ValueError where routing cannot be sure of PostgreSQL's reading."""
+    value: str | int | Decimal | KeyValue = text if is_string else parse_number(text)
+    if slot.negate:
+        value = _negated(value)
+    if slot.cast:
+        cast_type = _cast_type(slot.cast)
+        if cast_type is None:
+            raise ValueError(f"cannot follow the cast to {slot.cast}")
+        value = _apply_typmod(slot.cast, to_key(value, cast_type, timezone=timezone))
+    return to_key(value, key_type, timezone=timezone)
+
+
+def combine(plans: list[Plan]) -> Plan:
+    """One plan for the statements of one query string: they must agree on one shard."""
+    if len(plans) == 1:
+        return plans[0]
+    single: SingleShard | None = None
+    for plan in plans:
+        if isinstance(plan, Refusal):
+            return plan
+        if isinstance(plan, AnyShard):
+            continue
+        if isinstance(plan, (MultiShard, NeedLookup)):
+            return Refusal("0A000", "a statement of this query string needs several shards, "
+                           "which this version of Shardwire runs only for single statements",
+                           hint="send the statements as separate queries")
+        if single is not None and single.shard != plan.shard:
+            return Refusal("0A000", "the statements of this query string go to different "
+                           f"shards ({single.shard} and {plan.shard})",
+                           hint="send them as separate queries")
+        single = single or plan
+    return single or plans[0]
