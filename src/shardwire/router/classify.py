@@ -20,6 +20,8 @@ REPORTED_PARAMETERS = frozenset({
 })
 
 _WORD = re.compile(rb"[A-Za-z_][A-Za-z0-9_$]*")
+# Statements that start like this leave no session state by their leading keyword.
+_PLAIN_STARTS = (b"select", b"insert", b"update", b"delete", b"with", b"values", b"table")
 # Only a query string containing one of these can leave session state behind.
 _MAYBE_STATEFUL = (b"set", b"prepare", b"listen", b"load", b"declare", b"temp", b"advisory")
 _SESSION_FUNCTIONS = re.compile(
@@ -142,11 +144,19 @@ def session_state_reason(sql: bytes, *, simple: bool = True) -> str | None:
     restores settings after it only in the simple protocol.
     """
     lowered = sql.lower()
-    for word in _MAYBE_STATEFUL:
-        if word in lowered:
-            break
+    head = lowered.lstrip()
+    if head.startswith(_PLAIN_STARTS) and b";" not in head.rstrip(b" \t\r\n;"):
+        # One query or DML statement (the common case, kept fast): only temporary tables and
+        # session functions can leave state behind.
+        if b"temp" not in lowered and b"advisory" not in lowered and (
+                b"set_config" not in lowered):
+            return None
     else:
-        return None
+        for word in _MAYBE_STATEFUL:
+            if word in lowered:
+                break
+        else:
+            return None
     for stmt in split_statements(sql) if b";" in sql else (sql,):
         reason = _statement_state_reason(stmt, simple)
         if reason:
