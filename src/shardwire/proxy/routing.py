@@ -141,8 +141,12 @@ class StatementRouter:
             cast_type = _cast_type(slot.cast) if slot.cast else None
             if slot.cast and cast_type is None:
                 raise ValueError(f"cannot follow the cast to {slot.cast}")
-            value = decode_param(params.values[index], params.format_of(index), oid,
-                                 cast_type or key_type, timezone=timezone)
+            data, fmt = params.values[index], params.format_of(index)
+            if oid == 0 and fmt == 1 and data is not None:
+                # Undeclared (asyncpg sends none): the server gives a parameter compared with
+                # or stored into the key column that column's type, or its cast's.
+                oid = _inferred_oid(cast_type or key_type, len(data))
+            value = decode_param(data, fmt, oid, cast_type or key_type, timezone=timezone)
             if value is None:
                 return None
             if cast_type is not None and cast_type is not key_type:
@@ -209,6 +213,17 @@ def _apply_typmod(cast: str, value: KeyValue) -> KeyValue:
             raise ValueError(f"numeric field overflow for {cast}")
         return rounded
     return str(value)[:int(m.group(2))].rstrip(" ")
+
+
+_TYPE_OIDS = {KeyType.NUMERIC: 1700, KeyType.TEXT: 25, KeyType.DATE: 1082,
+              KeyType.TIMESTAMP: 1114, KeyType.TIMESTAMPTZ: 1184, KeyType.UUID: 2950}
+
+
+def _inferred_oid(key_type: KeyType, length: int) -> int:
+    if key_type is KeyType.INTEGER:
+        # int2, int4 or int8: the column's width, which the value's length tells.
+        return {2: 21, 4: 23, 8: 20}.get(length, 0)
+    return _TYPE_OIDS[key_type]
 
 
 def _negated(value: KeyValue) -> KeyValue:

@@ -18,10 +18,16 @@ from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
 from ..router.analyze import Analysis, Kind
-from ..router.classify import SessionReset, session_reset, session_state_reason
+from ..router.classify import (
+    SessionReset,
+    replayable_setting,
+    session_reset,
+    session_state_reason,
+)
 from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
+from .directory import Directory
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -47,7 +53,7 @@ LOGIN_HEADROOM = 100
 # Stop reading from a client that has this much queued while it waits for a server.
 PENDING_LIMIT = 4 * 1024 * 1024
 
-_Q, _P, _S, _X = ord("Q"), ord("P"), ord("S"), ord("X")
+_Q, _P, _S, _X, _B = ord("Q"), ord("P"), ord("S"), ord("X"), ord("B")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
 # A BEGIN the proxy may answer itself and send later, with the first statement's shard.
 _PLAIN_BEGIN = re.compile(
@@ -73,6 +79,8 @@ class ClientConnection(asyncio.Protocol):
         self.pool: Pool | None = None
         self.pinned: str | None = None  # why this client keeps its server connection
         self.reset: SessionReset | None = None  # DISCARD/DEALLOCATE/RESET ALL being sent
+        # A SET (name, value) or RESET (name, None) on its way to the server.
+        self.setting_change: tuple[str, str | None] | None = None
         self.session_mode = False
         self.pending: list[tuple[int, bytes]] = []
         self.pending_bytes = 0
@@ -91,6 +99,10 @@ class ClientConnection(asyncio.Protocol):
         self.batch: list[tuple[int, bytes]] = []  # messages not yet sent: no shard chosen
         self.backlog: list[tuple[int, bytes]] = []  # messages waiting for the client's turn
         self.waiting = False
+        self.retry = False  # the message being handled waits too (see _dispatch)
+        self.portal_open = False  # a Bind or Execute went out since the last Sync
+        # The last unnamed Parse (its body after the name) and the connection that has it.
+        self.unnamed: tuple[bytes, ServerConnection] | None = None
         self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
         self.shard_session: str | None = None  # SET shardwire.shard
         self.shard_local: str | None = None  # SET LOCAL shardwire.shard
@@ -271,8 +283,8 @@ class ClientConnection(asyncio.Protocol):
             data = self.statements.rewrite(msgs, server.link, raw)
             if prefix:
                 data = prefix + data
-            if self.reset is not None:
-                data += self._after_reset(server)
+            if self.reset is not None or self.setting_change is not None:
+                data += self._after_send(server)
             server.write(data)
             stats = server.pool.stats
             stats.bytes_in += len(data)
@@ -306,7 +318,7 @@ class ClientConnection(asyncio.Protocol):
             sql = body[:-1]
         if self.pinned is None:
             reason = session_state_reason(sql, simple=kind == _Q)
-            if reason is not None:
+            if reason is not None and not (kind == _Q and self._track_setting(sql)):
                 self.pinned = reason
                 log.debug("client %s pinned to its server connection: %s", self.addr, reason)
         if kind == _Q and b"all" in sql.lower():
@@ -314,6 +326,37 @@ class ClientConnection(asyncio.Protocol):
             if reset is not None:
                 self.reset = reset if self.reset is None else SessionReset(
                     reset.prepared or self.reset.prepared, reset.settings or self.reset.settings)
+
+    def _track_setting(self, sql: bytes) -> bool:
+        """A session-level SET or RESET outside a transaction: remember it, so that it is
+        replayed on whichever server connection serves the client next (a SET inside a
+        transaction may be rolled back: that pins instead)."""
+        change = replayable_setting(sql)
+        if change is None or self._status() != b"I":
+            return False
+        name, value = change
+        self.setting_change = (name, value)
+        if value is None:
+            value = self.startup_settings.get(name)  # RESET: back to the startup value
+        if value is None:
+            self.settings.pop(name, None)
+        else:
+            self.settings[name] = value
+        return True
+
+    def _after_send(self, conn: ServerConnection) -> bytes:
+        """Bookkeeping once the client's messages went to `conn`; returns what the proxy must
+        send after them."""
+        change, self.setting_change = self.setting_change, None
+        if change is not None:
+            name, value = change
+            if value is None:
+                # After RESET the server has its default (not the client's startup value, if
+                # it had one: the next check-out sets that again).
+                conn.link.settings.pop(name, None)
+            else:
+                conn.link.settings[name] = value
+        return self._after_reset(conn) if self.reset is not None else b""
 
     def _after_reset(self, conn: ServerConnection) -> bytes:
         """The client's batch resets session state on `conn`: forget what it forgot, and
@@ -354,8 +397,8 @@ class ClientConnection(asyncio.Protocol):
             pending, self.pending = self.pending, []
             self.pending_bytes = 0
             out += self.statements.rewrite(pending, conn.link, None)
-            if self.reset is not None:
-                out += self._after_reset(conn)
+            if self.reset is not None or self.setting_change is not None:
+                out += self._after_send(conn)
             if self.paused and self.transport is not None and not self.closed:
                 self.paused = False
                 self.transport.resume_reading()
@@ -416,7 +459,9 @@ class ClientConnection(asyncio.Protocol):
                     self.skip_to_sync = False
                     self.write(m.ready_for_query(self._status()))
                 continue
-            if not self._dispatch_one(kind, body):
+            if not self._dispatch_one(kind, body) or self.retry:
+                # Not taken yet: it goes again once the wait is over.
+                self.retry = False
                 self.backlog[:0] = msgs[i:]
                 return
             if self.waiting:
@@ -436,7 +481,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _context(self) -> RouteContext:
         return RouteContext(shard=self.shard_local or self.shard_session,
-                            key=self.key_local or self.key_session)
+                            key=self.key_local or self.key_session,
+                            lookups=self.proxy.directory.caches)
 
     def _dispatch_one(self, kind: int, body: bytes) -> bool:
         """Handle one message; False if it must wait for the server to finish first."""
@@ -482,7 +528,11 @@ class ClientConnection(asyncio.Protocol):
                 if not self.batch and kind == _S and self.begin_sql is None:
                     self.write(m.ready_for_query(b"I"))  # nothing to answer but the Sync
                     return True
-                self._send_batch(self.proxy.config.default_shard, [(kind, body)])
+                # Only Parse/Describe/Close before a Flush (asyncpg prepares so): any shard
+                # answers them; close that batch at once so the connection is free for the
+                # shard the statement's Bind will need.
+                quiet = kind == ord("H") and not any(k in (_B, ord("E")) for k, _ in self.batch)
+                self._send_batch(self.proxy.config.default_shard, [(kind, body)], quiet=quiet)
             return True
         if kind in (ord("d"), ord("c"), ord("f")) and server is None:
             return True  # outside COPY PostgreSQL ignores them too
@@ -498,12 +548,36 @@ class ClientConnection(asyncio.Protocol):
         else:
             self.batch.append(msg)
 
-    def _write_server(self, msgs: list[tuple[int, bytes]], extra: bytes = b"") -> None:
+    def _write_server(self, msgs: list[tuple[int, bytes]], extra: bytes = b"",
+                      quiet: bool = False) -> None:
         server = self.server
         assert server is not None
-        data = self.statements.rewrite(msgs, server.link, None) + extra
-        if self.reset is not None:
-            data += self._after_reset(server)
+        link = server.link
+        chunks = []
+        start = 0
+        for i, (kind, body) in enumerate(msgs):
+            if kind == _P and body[:1] == b"\x00":
+                self.unnamed = (body[1:], server)
+            elif kind == _B:
+                self.portal_open = True
+                unnamed = self.unnamed
+                if unnamed is not None and unnamed[1] is not server and (
+                        body[body.index(0) + 1] == 0):
+                    # Bind of the unnamed statement, parsed on another shard's connection.
+                    chunks.append(self.statements.rewrite(msgs[start:i], link, None))
+                    chunks.append(link.inject_unnamed_parse(unnamed[0]))
+                    self.unnamed = (unnamed[0], server)
+                    start = i
+            elif kind == ord("E"):
+                self.portal_open = True
+            elif kind == _S or kind == _Q:
+                self.portal_open = False
+        chunks.append(self.statements.rewrite(msgs[start:], link, None))
+        if quiet:
+            chunks.append(link.end_batch_quietly())
+        data = b"".join(chunks) + extra
+        if self.reset is not None or self.setting_change is not None:
+            data += self._after_send(server)
         server.write(data)
         stats = server.pool.stats
         stats.bytes_in += len(data)
@@ -535,11 +609,12 @@ class ClientConnection(asyncio.Protocol):
                     hint="add a condition on the sharding key that selects one shard, or "
                     "name a shard with a /* shard: name */ comment"), msg, ends_unit=ends_unit)
                 return
-            case NeedLookup(rule=rule):
-                self._refuse(PgError(
-                    "0A000", f"lookup rule {rule}: directory lookups are not available in "
-                    "this version of Shardwire", hint="use a tenant, category, range or hash "
-                    "rule"), msg, ends_unit=ends_unit)
+            case NeedLookup(rule=rule, keys=keys, assign=assign):
+                # Read (or write) the directory, then route the message again.
+                self.waiting = self.retry = True
+                self.queries -= 1
+                asyncio.get_running_loop().create_task(
+                    self._lookup(rule, keys, assign, ends_unit))
                 return
         if target is None:
             if not ends_unit:
@@ -551,6 +626,22 @@ class ClientConnection(asyncio.Protocol):
             self._send_batch(target, [msg])
         elif server.pool.shard == target:
             self._write_server([msg])
+        elif self.pinned is None and server.link.status == b"I" and not self.portal_open:
+            # No transaction there, and no portal: once the connection has answered what it
+            # was sent (closing an open Parse/Describe batch quietly first, as asyncpg
+            # prepares with a Flush), it goes back to the pool and this message goes to its
+            # own shard.
+            if server.link.open_batch_only:
+                server.write(server.link.end_batch_quietly())
+            self.waiting = self.retry = True
+            self.queries -= 1
+        elif self.pinned is not None and server.link.status == b"I":
+            self._refuse(PgError(
+                "0A000", f"this session is tied to a server connection of shard "
+                f"{server.pool.shard} ({self.pinned}), and the statement needs shard "
+                f"{target}", hint="keep session state (temporary tables, LISTEN, advisory "
+                "locks, SQL PREPARE, SET ROLE) out of sessions that use several shards, or "
+                "use transaction pooling; see docs/pooling.md"), msg, ends_unit=ends_unit)
         else:
             self._refuse(PgError(
                 "0A000", f"this transaction runs on shard {server.pool.shard}, and the "
@@ -559,20 +650,37 @@ class ClientConnection(asyncio.Protocol):
                 hint="keep each transaction on the keys of one shard"), msg,
                 ends_unit=ends_unit)
 
+    async def _lookup(self, rule: str, keys: tuple[object, ...], assign: bool,
+                      ends_unit: bool) -> None:
+        try:
+            await self.proxy.directory.resolve(rule, keys, assign=assign)
+        except PgError as e:
+            msg = self.backlog.pop(0)
+            self.waiting = False
+            self._refuse(e, msg, ends_unit=ends_unit)
+            if self.retry:  # the refusal waits for a server connection
+                self.retry = False
+                self.backlog.insert(0, msg)
+            if not self.waiting:
+                self._resume()
+            return
+        if not self.closed:
+            self._resume()
+
     def _send_batch(self, shard: str, msgs: list[tuple[int, bytes]],
-                    extra: bytes = b"") -> None:
+                    extra: bytes = b"", *, quiet: bool = False) -> None:
         """Send the held-back batch and `msgs` to a server of `shard`, once there is one."""
         self.batch.extend(msgs)
         pool = self.proxy.pool_for(shard)
         self.pool = pool
         conn = pool.try_acquire()
         if conn is not None:
-            self._attach_for_batch(conn, extra)
+            self._attach_for_batch(conn, extra, quiet)
             return
         self.waiting = self.acquiring = True
-        asyncio.get_running_loop().create_task(self._acquire_for_batch(pool, extra))
+        asyncio.get_running_loop().create_task(self._acquire_for_batch(pool, extra, quiet))
 
-    async def _acquire_for_batch(self, pool: Pool, extra: bytes) -> None:
+    async def _acquire_for_batch(self, pool: Pool, extra: bytes, quiet: bool) -> None:
         try:
             conn = await pool.acquire()
         except PgError as e:
@@ -585,19 +693,18 @@ class ClientConnection(asyncio.Protocol):
         if self.closed:
             pool.release(conn)
             return
-        self._attach_for_batch(conn, extra)
-        if not conn.link.busy:
-            self._resume()  # nothing was sent that would call server_ready
+        self._attach_for_batch(conn, extra, quiet)
+        self._resume()  # the messages that came meanwhile (the rest of the batch, say)
 
-    def _attach_for_batch(self, conn: ServerConnection, extra: bytes) -> None:
+    def _attach_for_batch(self, conn: ServerConnection, extra: bytes, quiet: bool) -> None:
         prefix = self._attach(conn)
-        if self.begin_sql is not None:
+        if not quiet and self.begin_sql is not None:
             prefix += conn.link.internal_query(self.begin_sql.decode("utf-8", "replace"))
             self.begin_sql = None
         batch, self.batch = self.batch, []
         if prefix:
             conn.write(prefix)
-        self._write_server(batch, extra)
+        self._write_server(batch, extra, quiet)
 
     def _refuse(self, err: PgError, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
         """Answer `msg` with `err`, in order and with the transaction state PostgreSQL would
@@ -614,8 +721,8 @@ class ClientConnection(asyncio.Protocol):
         if self.server is None:
             self._send_batch(self.proxy.config.default_shard, [], b"")
             if self.server is None:
-                # Waiting for a connection: the refusal goes once there is one.
-                self.backlog.insert(0, msg)
+                # Waiting for a connection: the message is refused again once there is one.
+                self.retry = True
                 return
         server = self.server
         assert server is not None
@@ -748,6 +855,10 @@ class Proxy:
         smap = getattr(config, "sharding", None) or ShardMap(tuple(config.shards),
                                                              config.default_shard)
         self.router = StatementRouter(smap)
+        old_directory = getattr(self, "directory", None)
+        self.directory = Directory(config.catalog, smap)
+        if old_directory is not None:
+            asyncio.get_running_loop().create_task(old_directory.close())
         for shard in config.shards.values():
             key = f"{shard.name}/primary"
             old = self.pools.get(key)
@@ -803,6 +914,7 @@ class Proxy:
                                  fatal=True))
         for pool in self.pools.values():
             pool.close()
+        await self.directory.close()
 
     def reload(self) -> list[str]:
         """Load the config file again. Returns the problems; the old config stays on error."""

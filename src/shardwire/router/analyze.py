@@ -192,7 +192,8 @@ def analyze(sql: bytes, smap: ShardMap) -> Analysis:
         return _replace(base, kind=Kind.TRANSACTION, reason="transaction control")
     if first == "prepare" and len(words) > 1 and words[1] == "transaction":
         return _replace(base, kind=Kind.TRANSACTION, reason="transaction control")
-    if first in ("set", "reset", "show") and len(words) > 1 and words[1] == "shardwire":
+    if first in ("set", "reset", "show") and "shardwire" in words[1:3] and (
+            words[1] == "shardwire" or words[1] in ("local", "session")):
         return _shardwire_setting(base, sql, words)
     if first in _SESSION_WORDS:
         return _replace(base, kind=Kind.SESSION, reason=f"{first.upper()} is session-level")

@@ -185,12 +185,13 @@ def _statement_state_reason(stmt: bytes, simple: bool) -> str | None:
             return None
         if rest[0] in ("time",):  # SET TIME ZONE is reported (TimeZone)
             return None
-        if rest[0] in REPORTED_PARAMETERS:
-            return None
+        if rest[0] in REPORTED_PARAMETERS or rest[0] == "shardwire":
+            return None  # replayed, or (shardwire.*) answered by the proxy itself
         return f"SET {rest[0]}"
     if first == "reset":
         target = words[1] if len(words) > 1 else ""
-        if target in REPORTED_PARAMETERS or (target == "all" and simple):
+        if target in REPORTED_PARAMETERS or target == "shardwire" or (
+                target == "all" and simple):
             return None
         return f"RESET {target}"
     if first in ("prepare", "listen", "load"):
@@ -229,3 +230,45 @@ def session_reset(sql: bytes) -> SessionReset | None:
         elif words[:2] == ["reset", "all"]:
             settings = True
     return SessionReset(prepared, settings) if prepared or settings else None
+
+
+_SET = re.compile(
+    rb"(?is)^\s*set\s+(?:session\s+)?([a-z_][a-z0-9_$]*(?:\.[a-z_][a-z0-9_$]*)?)\s*"
+    rb"(?:=|\bto\b)\s*(.*?)\s*;?\s*$")
+_RESET = re.compile(rb"(?is)^\s*reset\s+([a-z_][a-z0-9_$]*(?:\.[a-z_][a-z0-9_$]*)?)\s*;?\s*$")
+_SIMPLE_VALUE = re.compile(rb"(?s)^(?:'(?:[^']|'')*'|[\w.+\-$\"]+(?:\s*,\s*[\w.+\-$\"]+)*)$")
+# Settings whose SET has side effects or a grammar of its own: pin instead of replaying.
+_NOT_REPLAYED = frozenset({"role", "authorization", "constraints", "transaction", "time",
+                           "local", "session"})
+
+
+class RawSql(str):
+    """A setting's value as SQL text, replayed as written (`a, b` for a list), not quoted."""
+
+    __slots__ = ()
+
+
+def replayable_setting(sql: bytes) -> tuple[str, str | None] | None:
+    """A single session-level `SET name = value` or `RESET name` that the proxy can replay on
+    any server connection: (name, value as a string), value None for RESET; else None."""
+    if b";" in sql.rstrip(b" \t\r\n;"):
+        return None
+    m = _SET.match(sql)
+    if m:
+        name = m.group(1).decode().lower()
+        raw = m.group(2)
+        if name in _NOT_REPLAYED or not raw or not _SIMPLE_VALUE.match(raw):
+            return None
+        if raw.lower() == b"default":
+            return name, None
+        if raw.startswith(b"'"):
+            return name, raw[1:-1].replace(b"''", b"'").decode("utf-8", "surrogateescape")
+        return name, RawSql(raw.decode("utf-8", "surrogateescape"))
+    m = _RESET.match(sql)
+    if m:
+        name = m.group(1).decode().lower()
+        if name in _NOT_REPLAYED or name == "all":
+            return None
+        return name, None
+    return None
+

@@ -50,6 +50,7 @@ class NeedLookup:
 
     rule: str
     keys: tuple[KeyValue, ...]
+    assign: bool = False  # an INSERT: keys not in the directory get a shard now
 
 
 Plan = SingleShard | AnyShard | MultiShard | Refusal | NeedLookup
@@ -72,6 +73,7 @@ def describe(plan: Plan) -> dict[str, object]:
             return out
         case Refusal(sqlstate=sqlstate, message=message, hint=hint):
             return {"route": "refused", "sqlstate": sqlstate, "message": message, "hint": hint}
-        case NeedLookup(rule=rule, keys=keys):
-            return {"route": "lookup", "rule": rule, "keys": [str(k) for k in keys]}
+        case NeedLookup(rule=rule, keys=keys, assign=assign):
+            return {"route": "lookup", "rule": rule, "keys": [str(k) for k in keys],
+                    "assign": assign}
     raise AssertionError(plan)

@@ -42,11 +42,13 @@ class RouteContext:
 
 
 class _Missing(Exception):
-    """Lookup keys not yet in the context's directory cache."""
+    """Lookup keys not yet in the context's directory cache (or, for an INSERT, without a
+    shard yet: `assign`)."""
 
-    def __init__(self, rule: Rule, keys: set[KeyValue]) -> None:
+    def __init__(self, rule: Rule, keys: set[KeyValue], assign: bool = False) -> None:
         self.rule = rule
         self.keys = keys
+        self.assign = assign
 
 
 _NO_CONTEXT = RouteContext()
@@ -70,7 +72,7 @@ def route(a: Analysis, smap: ShardMap, values: Values,
     try:
         plan = _route(a, smap, values, ctx)
     except _Missing as m:
-        return NeedLookup(m.rule.name, tuple(sorted(m.keys, key=repr)))
+        return NeedLookup(m.rule.name, tuple(sorted(m.keys, key=repr)), m.assign)
     if a.explain_only and isinstance(plan, MultiShard):
         # EXPLAIN runs nothing: one shard shows the plan.
         return SingleShard(plan.shards[0], "EXPLAIN without ANALYZE: the plan on one shard")
@@ -197,13 +199,16 @@ def _insert(a: Analysis, rule: Rule,
         except _Missing as m:
             missing |= m.keys
             continue
+        if shard is None and rule.kind is RuleKind.LOOKUP:
+            missing.add(value)  # a new key: the directory gives it a shard first
+            continue
         if shard is None:
             return Refusal("23514", f"no shard for key {value} of table {table} "
                            f"(rule {rule.name})", hint="add the value or a range covering it "
                            "to the shard map")
         shards.append(shard)
     if missing:
-        raise _Missing(rule, missing)
+        raise _Missing(rule, missing, assign=True)
     return frozenset(shards)
 
 

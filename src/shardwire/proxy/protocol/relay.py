@@ -28,6 +28,7 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
+from ...router.classify import RawSql
 from . import messages as m
 
 _LEN = struct.Struct("!I").unpack_from
@@ -82,7 +83,8 @@ class ServerLink:
     __slots__ = ("prepared", "settings", "reported", "status", "max_prepared", "_units",
                  "_requests", "_unit_seq", "_sent", "_replied", "_dirty", "_stash",
                  "_remaining", "_drop_current",
-                 "param_updates", "dropped_errors", "error_names", "replace_errors")
+                 "param_updates", "dropped_errors", "error_names", "replace_errors",
+                 "_quiet_ready")
 
     def __init__(self, max_prepared: int = 200) -> None:
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
@@ -113,6 +115,7 @@ class ServerLink:
         # a failing message so that it arrives in order and aborts the transaction as
         # PostgreSQL's own error would.
         self.replace_errors: dict[int, bytes] = {}
+        self._quiet_ready: set[int] = set()  # units whose ReadyForQuery the client never asked
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -169,7 +172,8 @@ class ServerLink:
         parts = []
         for name, value in wanted.items():
             if have.get(name) != value:
-                parts.append(f"SET {quote_ident(name)} TO {quote_literal(value)}")
+                sql_value = value if isinstance(value, RawSql) else quote_literal(value)
+                parts.append(f"SET {quote_ident(name)} TO {sql_value}")
         for name in have:
             if name not in wanted:
                 parts.append(f"RESET {quote_ident(name)}")
@@ -182,6 +186,26 @@ class ServerLink:
         self.dropped_errors.clear()
         self._close_unit(False, tell_client)
         return m.query(sql)
+
+    @property
+    def open_batch_only(self) -> bool:
+        """Nothing is due but the replies of an extended batch the client has not closed."""
+        return self._dirty and not self._units
+
+    def end_batch_quietly(self) -> bytes:
+        """A Sync of the proxy's own that closes the client's open batch (Parse and Describe
+        answered after a Flush, say) so the connection can go back to the pool: the replies
+        still due are passed on, the ReadyForQuery is not."""
+        self._quiet_ready.add(self._unit_seq)
+        self._close_unit(True)
+        return m.SYNC
+
+    def inject_unnamed_parse(self, parse_body: bytes) -> bytes:
+        """The client's unnamed statement, prepared again on this connection (which did not
+        get the client's own Parse); its reply is dropped."""
+        self.expect_parse(b"", False)
+        self._dirty = True
+        return m.message(b"P", b"\x00" + parse_body)
 
     def refusal(self, error: bytes, *, own_unit: bool) -> bytes:
         """Messages that make the server fail in order, the failure shown as `error` (a whole
@@ -298,6 +322,9 @@ class ServerLink:
         unit, forward, _, sent = self._units.popleft()
         if self.replace_errors:
             self.replace_errors.pop(unit, None)
+        if self._quiet_ready and unit in self._quiet_ready:
+            self._quiet_ready.discard(unit)
+            forward = False
         self.status = payload[:1]
         # Requests of this unit still without a reply were failed or skipped by the server.
         self._replied = sent
