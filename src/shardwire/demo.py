@@ -8,8 +8,11 @@ Everything lives in one directory (``.demo`` by default)::
     DIR/shardwire.yaml           the proxy's config, rewritten at every start
     DIR/demo.lock                held while a demo runs, so two cannot share the servers
 
-Every shard has the database ``demo``; shard1 also holds the catalog database. Until routing
-rules exist, the sample data lives on the default shard (shard1).
+Every shard has the database ``demo`` with the sample shop's tables and ``shardwire_next_id()``
+(global ids, ``shardwire.ids``); shard1, the default shard, also holds the catalog database.
+The config's shard map spreads tenants, product categories and quarters of events over the
+shards, and the demo loads each row straight onto the shard the map gives it (the proxy
+itself refuses writes to several shards until distributed transactions exist).
 
 Only the ready line goes to stdout; progress and errors go to stderr. SIGINT or SIGTERM, at
 any point, stops the proxy and every server the demo started.
@@ -18,16 +21,19 @@ any point, stops the proxy and every server the demo started.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import fcntl
+import json
 import os
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from decimal import Decimal
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -36,6 +42,8 @@ import yaml
 
 from .config.load import ConfigError, load_config
 from .config.model import Config
+from .ids import install_sql, shard_numbers
+from .router.shardmap import Rule
 from .testing import ClusterError, PostgresCluster, PsqlError, free_port, stop_clusters
 
 __all__ = ["run_demo"]
@@ -59,153 +67,119 @@ _CONFIG_HEADER = """\
 # SCRAM verifier when it loads the file. See docs/configuration.md.
 """
 
-# The sample shop: tenants (the shops) own their customers, products, orders, order items
-# and events, so every tenant-owned table carries tenant_id and has it first in its primary
-# key; countries is small reference data every shard can hold a copy of. Ids are explicit
-# and unique per table across all tenants (no sequences: each shard would count on its own).
-# No foreign keys: rows of one tenant will move between shards, and products may be
-# distributed by category rather than by tenant.
+# The sample shop. Tenants (the shops) own their customers, orders and order items, all under
+# the tenant rule, so a shop's rows are on one shard and joins on tenant_id stay there.
+# Products are placed by category and events by time (a quarter of 2026 per range); countries
+# is reference data, copied to every shard; users (the shops' staff accounts) is unsharded for
+# now, on the default shard. Every table exists on every shard, each shard holding some of the
+# rows. Ids come from shardwire_next_id() (shardwire.ids), which no two shards repeat. No
+# foreign keys: a product is on its category's shard, not with the orders that name it, and a
+# tenant's rows move between shards when they are rebalanced.
 SAMPLE_TABLES = ("countries", "tenants", "customers", "products", "orders", "order_items",
-                 "events")
+                 "events", "users")
+# Part of the mark a loaded shard carries (a comment on its tenants table): a shard whose
+# mark differs (an older demo, another --shards) has everything loaded again.
+SAMPLE_VERSION = 2
 
-SAMPLE_SQL = """\
-BEGIN;
-
-CREATE TABLE IF NOT EXISTS countries (
-    code        text PRIMARY KEY,            -- ISO 3166-1 alpha-2
-    name        text NOT NULL,
-    currency    text NOT NULL
+SCHEMA_SQL = """\
+CREATE TABLE countries (
+    code         text PRIMARY KEY,          -- ISO 3166-1 alpha-2
+    name         text NOT NULL,
+    currency     text NOT NULL
 );
-CREATE TABLE IF NOT EXISTS tenants (
+-- Tenant ids are chosen, not generated: the shard map names tenants by id.
+CREATE TABLE tenants (
     tenant_id    bigint PRIMARY KEY,
     name         text NOT NULL,
     country_code text NOT NULL,
     plan         text NOT NULL,
     created_at   timestamptz NOT NULL
 );
-CREATE TABLE IF NOT EXISTS customers (
+CREATE TABLE customers (
+    customer_id  bigint PRIMARY KEY DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
-    customer_id  bigint NOT NULL,
     name         text NOT NULL,
     email        text NOT NULL,
     country_code text NOT NULL,
-    PRIMARY KEY (tenant_id, customer_id)
+    UNIQUE (tenant_id, email)
 );
-CREATE TABLE IF NOT EXISTS products (
-    tenant_id    bigint NOT NULL,
-    product_id   bigint NOT NULL,
+CREATE TABLE products (
+    product_id   bigint PRIMARY KEY DEFAULT shardwire_next_id(),
+    tenant_id    bigint NOT NULL,           -- the shop that sells it
     category     text NOT NULL,
+    sku          text NOT NULL UNIQUE,
     name         text NOT NULL,
-    price        numeric(10, 2) NOT NULL,
-    PRIMARY KEY (tenant_id, product_id)
+    price        numeric(10, 2) NOT NULL
 );
-CREATE TABLE IF NOT EXISTS orders (
+CREATE TABLE orders (
+    order_id     bigint PRIMARY KEY DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
-    order_id     bigint NOT NULL,
+    order_no     integer NOT NULL,          -- the number the shop shows its customer
     customer_id  bigint NOT NULL,
     status       text NOT NULL,
     ordered_at   timestamptz NOT NULL,
-    PRIMARY KEY (tenant_id, order_id)
+    UNIQUE (tenant_id, order_no)
 );
-CREATE TABLE IF NOT EXISTS order_items (
+CREATE TABLE order_items (
     tenant_id    bigint NOT NULL,
     order_id     bigint NOT NULL,
     line_no      integer NOT NULL,
-    product_id   bigint NOT NULL,
+    product_id   bigint NOT NULL,           -- on the shard of the product's category
     quantity     integer NOT NULL,
     unit_price   numeric(10, 2) NOT NULL,
-    PRIMARY KEY (tenant_id, order_id, line_no)
+    PRIMARY KEY (order_id, line_no)
 );
-CREATE TABLE IF NOT EXISTS events (
+CREATE TABLE events (
+    event_id     bigint PRIMARY KEY DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
-    event_id     bigint NOT NULL,
     occurred_at  timestamptz NOT NULL,
     kind         text NOT NULL,
     customer_id  bigint,
-    payload      jsonb NOT NULL DEFAULT '{}',
-    PRIMARY KEY (tenant_id, event_id)
+    payload      jsonb NOT NULL DEFAULT '{}'
 );
-
-INSERT INTO countries (code, name, currency) VALUES
-    ('BR', 'Brazil', 'BRL'), ('CA', 'Canada', 'CAD'), ('DE', 'Germany', 'EUR'),
-    ('ES', 'Spain', 'EUR'), ('FR', 'France', 'EUR'), ('GB', 'United Kingdom', 'GBP'),
-    ('IN', 'India', 'INR'), ('JP', 'Japan', 'JPY'), ('NL', 'Netherlands', 'EUR'),
-    ('US', 'United States', 'USD')
-ON CONFLICT DO NOTHING;
-
-INSERT INTO tenants (tenant_id, name, country_code, plan, created_at) VALUES
-    (1, 'Acme Books',     'DE', 'pro',        '2023-03-14 10:00:00+00'),
-    (2, 'Bluebird Games', 'US', 'enterprise', '2023-05-02 16:30:00+00'),
-    (3, 'Cedar Garden',   'GB', 'free',       '2023-07-21 08:15:00+00'),
-    (4, 'Dune Kitchen',   'FR', 'pro',        '2023-09-09 12:45:00+00'),
-    (5, 'Echo Music',     'JP', 'free',       '2023-11-30 03:00:00+00'),
-    (6, 'Fable Toys',     'BR', 'enterprise', '2024-01-05 19:20:00+00')
-ON CONFLICT DO NOTHING;
-
--- Ten customers per tenant: customer_id = tenant_id * 1000 + n.
-INSERT INTO customers (tenant_id, customer_id, name, email, country_code)
-SELECT t.tenant_id, t.tenant_id * 1000 + n, f.name || ' ' || l.name,
-       lower(f.name) || '.' || (t.tenant_id * 1000 + n) || '@example.com',
-       (ARRAY['BR','CA','DE','ES','FR','GB','IN','JP','NL','US'])[1 + (t.tenant_id * 3 + n) % 10]
-FROM tenants t
-CROSS JOIN generate_series(1, 10) AS n
-CROSS JOIN LATERAL (SELECT (ARRAY['Ada','Bruno','Chen','Dana','Emil','Farah','Goro','Hana',
-                                  'Ines','Jonas','Kemi','Liam'])[1 + (t.tenant_id * 7 + n) % 12]
-                    AS name) f
-CROSS JOIN LATERAL (SELECT (ARRAY['Alves','Berg','Costa','Dubois','Evans','Fischer','Garcia',
-                                  'Haddad','Ito','Jensen'])[1 + (t.tenant_id * 5 + n * 3) % 10]
-                    AS name) l
-ON CONFLICT DO NOTHING;
-
--- Eight products per tenant over six categories: product_id = tenant_id * 1000 + n.
-INSERT INTO products (tenant_id, product_id, category, name, price)
-SELECT t.tenant_id, t.tenant_id * 1000 + n, c.category,
-       (ARRAY['Classic','Deluxe','Mini','Eco','Pocket','Grand','Smart','Vintage'])[n]
-           || ' ' || c.noun,
-       ((n * 7 + t.tenant_id * 3) % 40 + 5) + 0.99
-FROM tenants t
-CROSS JOIN generate_series(1, 8) AS n
-JOIN (VALUES (0, 'books', 'novel'), (1, 'games', 'board game'), (2, 'garden', 'planter'),
-             (3, 'kitchen', 'knife set'), (4, 'music', 'vinyl record'), (5, 'toys', 'kite'))
-     AS c (slot, category, noun) ON c.slot = (n + t.tenant_id) % 6
-ON CONFLICT DO NOTHING;
-
--- Fifteen orders per tenant in the first half of 2024: order_id = tenant_id * 1000 + n.
-INSERT INTO orders (tenant_id, order_id, customer_id, status, ordered_at)
-SELECT t.tenant_id, t.tenant_id * 1000 + n, t.tenant_id * 1000 + 1 + (n * 7) % 10,
-       (ARRAY['paid','shipped','delivered','delivered','cancelled'])[1 + (n + t.tenant_id) % 5],
-       timestamptz '2024-01-01 08:00:00+00'
-           + interval '1 day' * ((n * 11 + t.tenant_id * 5) % 180)
-           + interval '1 minute' * ((n * 37 + t.tenant_id * 13) % 720)
-FROM tenants t
-CROSS JOIN generate_series(1, 15) AS n
-ON CONFLICT DO NOTHING;
-
--- One to three lines per order, priced as the product is.
-INSERT INTO order_items (tenant_id, order_id, line_no, product_id, quantity, unit_price)
-SELECT o.tenant_id, o.order_id, line, p.product_id, 1 + (o.order_id + line) % 3, p.price
-FROM orders o
-CROSS JOIN LATERAL generate_series(1, 1 + o.order_id % 3) AS line
-JOIN products p ON p.tenant_id = o.tenant_id
-               AND p.product_id = o.tenant_id * 1000 + 1 + (o.order_id + line * 3) % 8
-ON CONFLICT DO NOTHING;
-
--- Twenty events per tenant, spread over January to June 2024: event_id = tenant_id * 1000 + n.
-INSERT INTO events (tenant_id, event_id, occurred_at, kind, customer_id, payload)
-SELECT t.tenant_id, t.tenant_id * 1000 + n,
-       timestamptz '2024-01-01 00:00:00+00'
-           + interval '1 hour' * ((n * 211 + t.tenant_id * 97) % 4344),
-       k.kind,
-       CASE WHEN k.kind = 'page_view' THEN NULL ELSE t.tenant_id * 1000 + 1 + n % 10 END,
-       jsonb_build_object('path', '/p/' || (t.tenant_id * 1000 + 1 + n % 8))
-FROM tenants t
-CROSS JOIN generate_series(1, 20) AS n
-CROSS JOIN LATERAL (SELECT (ARRAY['page_view','page_view','signup','add_to_cart','checkout',
-                                  'refund'])[1 + (n * 5 + t.tenant_id) % 6] AS kind) k
-ON CONFLICT DO NOTHING;
-
-COMMIT;
+CREATE INDEX ON events (occurred_at);
+CREATE TABLE users (
+    user_id      bigint PRIMARY KEY DEFAULT shardwire_next_id(),
+    tenant_id    bigint NOT NULL,
+    email        text NOT NULL UNIQUE,
+    name         text NOT NULL,
+    role         text NOT NULL
+);
 """
+
+COUNTRIES = (
+    ("BR", "Brazil", "BRL"), ("CA", "Canada", "CAD"), ("DE", "Germany", "EUR"),
+    ("ES", "Spain", "EUR"), ("FR", "France", "EUR"), ("GB", "United Kingdom", "GBP"),
+    ("IN", "India", "INR"), ("JP", "Japan", "JPY"), ("NL", "Netherlands", "EUR"),
+    ("US", "United States", "USD"),
+)
+# (tenant_id, name, country, plan, created_at)
+TENANTS = (
+    (1, "Acme Books", "DE", "pro", "2025-03-14 10:00:00+00:00"),
+    (2, "Bluebird Games", "US", "enterprise", "2025-05-02 16:30:00+00:00"),
+    (3, "Cedar Garden", "GB", "free", "2025-07-21 08:15:00+00:00"),
+    (4, "Dune Kitchen", "FR", "pro", "2025-09-09 12:45:00+00:00"),
+    (5, "Echo Music", "JP", "free", "2025-11-30 03:00:00+00:00"),
+    (6, "Fable Toys", "BR", "enterprise", "2025-12-05 19:20:00+00:00"),
+    (7, "Granite Tools", "CA", "pro", "2026-01-12 09:40:00+00:00"),
+    (8, "Harbor Tea", "IN", "free", "2026-02-03 14:10:00+00:00"),
+)
+PLACED_TENANTS = 6  # tenants 1 to 6 are listed in the shard map; 7, 8 and new ones take its default
+CATEGORIES = (("books", "novel"), ("games", "board game"), ("garden", "planter"),
+              ("kitchen", "knife set"), ("music", "vinyl record"), ("toys", "kite"))
+QUARTERS = ("2026-04-01", "2026-07-01", "2026-10-01")  # where the ranges of events meet
+CUSTOMERS_PER_TENANT = 10
+PRODUCTS_PER_TENANT = 4
+ORDERS_PER_TENANT = 12
+EVENTS_PER_TENANT = 20
+
+_FIRST_NAMES = ("Ada", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goro", "Hana", "Ines", "Jonas",
+                "Kemi", "Liam")
+_LAST_NAMES = ("Alves", "Berg", "Costa", "Dubois", "Evans", "Fischer", "Garcia", "Haddad", "Ito",
+               "Jensen")
+_PRODUCT_WORDS = ("Classic", "Deluxe", "Mini", "Eco", "Pocket", "Grand", "Smart", "Vintage")
+_STATUSES = ("paid", "shipped", "delivered", "delivered", "cancelled")
+_EVENT_KINDS = ("page_view", "page_view", "signup", "add_to_cart", "checkout", "refund")
 
 
 class DemoError(Exception):
@@ -240,8 +214,8 @@ def _run(base: Path, port: int, shards: int) -> None:
     clusters = _shard_clusters(base, shards)
     try:
         _bring_up(base, clusters)
-        _load_sample_data(clusters[0])
         config = _write_config(base, port, clusters)
+        _load_sample_data(clusters, config)
         _serve(config)
     finally:
         _stop(clusters)
@@ -313,21 +287,188 @@ def _describe_error(error: BaseException) -> str:
 # --- sample data ----------------------------------------------------------------------------
 
 
-def _load_sample_data(cluster: PostgresCluster) -> None:
-    names = ", ".join(f"'{t}'" for t in SAMPLE_TABLES)
+def _load_sample_data(clusters: list[PostgresCluster], config: Config) -> None:
+    """Create the schema and shardwire_next_id() on every shard and put each sample row on the
+    shard the config's map names; a later start finds the data there and leaves it alone."""
+    numbers = shard_numbers(config)
+    mark = f"shardwire demo sample data v{SAMPLE_VERSION} for {len(clusters)} shards"
     try:
-        present = cluster.sql(
-            "SELECT count(*) FROM pg_catalog.pg_tables "
-            f"WHERE schemaname = 'public' AND tablename IN ({names})",
-            DEMO_DATABASE,
-        )
-        if present == str(len(SAMPLE_TABLES)):
-            _say(f"sample data already loaded ({cluster.name}, database {DEMO_DATABASE})")
+        marks = [c.sql("SELECT obj_description(to_regclass('public.tenants'), 'pg_class')",
+                       DEMO_DATABASE) for c in clusters]
+        if all(m == mark for m in marks):
+            # Still (re)install the function: cheap, and it repairs a dropped one.
+            for c in clusters:
+                c.sql(install_sql(numbers[c.name]), DEMO_DATABASE)
+            _say(f"sample data already loaded (database {DEMO_DATABASE} on every shard)")
             return
-        _say(f"loading the sample shop data into {cluster.name}, database {DEMO_DATABASE}...")
-        cluster.sql(SAMPLE_SQL, DEMO_DATABASE)
+        if any(marks):
+            _say("the sample data there was loaded by another version of the demo or for "
+                 "another number of shards: loading it again")
+        _say(f"loading the sample shop data, each row onto its shard (database "
+             f"{DEMO_DATABASE})...")
+        shop = _SampleShop(config)
+        # Customers and products first: the ids the database gives them are needed by rows
+        # on other shards (events name customers, order items name products).
+        ids: dict[str, int] = {}
+        for c in clusters:
+            out = c.sql(shop.first_script(c.name, numbers[c.name]), DEMO_DATABASE)
+            for line in out.splitlines():
+                natural_key, _, row_id = line.rpartition("|")
+                ids[natural_key] = int(row_id)
+        for c in clusters:
+            c.sql(shop.second_script(c.name, ids, mark), DEMO_DATABASE)
     except PsqlError as e:
         raise DemoError(f"could not load the sample data: {e}") from None
+
+
+class _SampleShop:
+    """The sample rows, and for each the shard that the shard map gives its key."""
+
+    def __init__(self, config: Config) -> None:
+        rules = config.sharding.rules
+        self.default_shard = config.sharding.default_shard
+        self.tenant_rule = rules["by_tenant"]
+        self.category_rule = rules["by_category"]
+        self.time_rule = rules["by_time"]
+        self.products = [
+            (t, CATEGORIES[(n + t) % len(CATEGORIES)], n) for t, *_ in TENANTS
+            for n in range(1, PRODUCTS_PER_TENANT + 1)]
+
+    def shard_of(self, rule: Rule, key: object) -> str:
+        shard = rule.shard_for(key)
+        if shard is None:
+            raise DemoError(f"the demo's shard map has no shard for {key!r} (rule {rule.name})")
+        return shard
+
+    def first_script(self, shard: str, number: int) -> str:
+        tables = ", ".join(SAMPLE_TABLES)
+        parts = ["BEGIN;", f"DROP TABLE IF EXISTS {tables};", install_sql(number), SCHEMA_SQL,
+                 _insert("countries", ("code", "name", "currency"), COUNTRIES)]
+        if shard == self.default_shard:
+            parts.append(_insert("users", ("tenant_id", "email", "name", "role"), [
+                (t, f"{role}@{_slug(name)}.example", _person(t, i), role)
+                for t, name, *_ in TENANTS for i, role in enumerate(("owner", "staff"))]))
+        customers = [row for t, *_ in TENANTS if self.shard_of(self.tenant_rule, t) == shard
+                     for row in _customers(t)]
+        parts.append(_insert("customers", ("tenant_id", "name", "email", "country_code"),
+                             customers, returning="'customer:' || email, customer_id"))
+        products = [(t, category, _sku(t, n), _product_name(t, n, noun), _price(t, n))
+                    for t, (category, noun), n in self.products
+                    if self.shard_of(self.category_rule, category) == shard]
+        parts.append(_insert("products", ("tenant_id", "category", "sku", "name", "price"),
+                             products, returning="'product:' || sku, product_id"))
+        parts.append("COMMIT;")
+        return "\n".join(p for p in parts if p)
+
+    def second_script(self, shard: str, ids: dict[str, int], mark: str) -> str:
+        tenants = [row for row in TENANTS if self.shard_of(self.tenant_rule, row[0]) == shard]
+        orders: list[tuple[int, int, int, str, datetime.datetime]] = []
+        items: list[tuple[int, int, int, int, int, Decimal]] = []
+        for t, *_ in tenants:
+            products = [(n, _price(t, n)) for tt, _, n in self.products if tt == t]
+            for n in range(1, ORDERS_PER_TENANT + 1):
+                email = _customers(t)[(n * 7) % CUSTOMERS_PER_TENANT][2]
+                ordered_at = (datetime.datetime(2026, 1, 1, 8, tzinfo=datetime.UTC)
+                              + datetime.timedelta(days=(n * 23 + t * 7) % 320,
+                                                   minutes=(n * 37 + t * 13) % 720))
+                orders.append((t, 1000 + n, ids[f"customer:{email}"],
+                               _STATUSES[(n + t) % len(_STATUSES)], ordered_at))
+                for line in range(1, 2 + (n + t) % 3):
+                    p, price = products[(n + line * 3) % len(products)]
+                    items.append((t, 1000 + n, line, ids[f"product:{_sku(t, p)}"],
+                                  1 + (n + line) % 3, price))
+        orders.sort(key=lambda row: row[4])  # ids then follow the order dates
+        events: list[tuple[int, datetime.datetime, str, int | None, str]] = []
+        for t, *_ in TENANTS:
+            for n in range(1, EVENTS_PER_TENANT + 1):
+                at = (datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+                      + datetime.timedelta(hours=(n * 433 + t * 97) % 8760))
+                if self.shard_of(self.time_rule, at) != shard:
+                    continue
+                kind = _EVENT_KINDS[(n * 5 + t) % len(_EVENT_KINDS)]
+                email = _customers(t)[n % CUSTOMERS_PER_TENANT][2]
+                customer = None if kind == "page_view" else ids[f"customer:{email}"]
+                path = f"/p/{_sku(t, 1 + n % PRODUCTS_PER_TENANT)}"
+                events.append((t, at, kind, customer, json.dumps({"path": path})))
+        events.sort(key=lambda row: row[1])
+        parts = [
+            "BEGIN;",
+            _insert("tenants", ("tenant_id", "name", "country_code", "plan", "created_at"),
+                    tenants),
+            _insert("orders", ("tenant_id", "order_no", "customer_id", "status", "ordered_at"),
+                    orders),
+        ]
+        if items:
+            # Each item finds its order by the order's number: the order ids were just made.
+            parts.append(
+                "INSERT INTO order_items (tenant_id, order_id, line_no, product_id, quantity, "
+                "unit_price)\nSELECT o.tenant_id, o.order_id, v.line_no, v.product_id, "
+                "v.quantity, v.unit_price\nFROM (VALUES\n    "
+                + ",\n    ".join(_row(item) for item in items)
+                + "\n) AS v (tenant_id, order_no, line_no, product_id, quantity, unit_price)\n"
+                "JOIN orders o ON o.tenant_id = v.tenant_id AND o.order_no = v.order_no;")
+        parts += [
+            _insert("events", ("tenant_id", "occurred_at", "kind", "customer_id", "payload"),
+                    events),
+            f"COMMENT ON TABLE tenants IS {_literal(mark)};",
+            "COMMIT;",
+        ]
+        return "\n".join(p for p in parts if p)
+
+
+def _customers(tenant: int) -> list[tuple[int, str, str, str]]:
+    """(tenant_id, name, email, country_code) of a tenant's customers."""
+    out = []
+    for n in range(1, CUSTOMERS_PER_TENANT + 1):
+        first = _FIRST_NAMES[(tenant * 7 + n) % len(_FIRST_NAMES)]
+        last = _LAST_NAMES[(tenant * 5 + n * 3) % len(_LAST_NAMES)]
+        out.append((tenant, f"{first} {last}", f"{first.lower()}.{tenant * 100 + n}@example.com",
+                    COUNTRIES[(tenant * 3 + n) % len(COUNTRIES)][0]))
+    return out
+
+
+def _person(tenant: int, n: int) -> str:
+    return (f"{_FIRST_NAMES[(tenant * 5 + n) % len(_FIRST_NAMES)]} "
+            f"{_LAST_NAMES[(tenant + n * 7) % len(_LAST_NAMES)]}")
+
+
+def _product_name(tenant: int, n: int, noun: str) -> str:
+    return f"{_PRODUCT_WORDS[(n * 3 + tenant) % len(_PRODUCT_WORDS)]} {noun}"
+
+
+def _sku(tenant: int, n: int) -> str:
+    return f"T{tenant}-{n:02d}"
+
+
+def _price(tenant: int, n: int) -> Decimal:
+    return Decimal(f"{(n * 7 + tenant * 3) % 40 + 5}.99")
+
+
+def _slug(name: str) -> str:
+    return name.lower().replace(" ", "-")
+
+
+def _insert(table: str, columns: Sequence[str], rows: Sequence[Sequence[object]],
+            returning: str | None = None) -> str:
+    if not rows:
+        return ""
+    tail = f"\nRETURNING {returning}" if returning else ""
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES\n    "
+            + ",\n    ".join(_row(row) for row in rows) + tail + ";")
+
+
+def _row(values: Sequence[object]) -> str:
+    return "(" + ", ".join(_literal(v) for v in values) + ")"
+
+
+def _literal(value: object) -> str:
+    if value is None:
+        return "NULL"
+    if isinstance(value, int | Decimal):
+        return str(value)
+    if isinstance(value, datetime.datetime):
+        value = value.isoformat(sep=" ")
+    return "'" + str(value).replace("'", "''") + "'"
 
 
 # --- the proxy ------------------------------------------------------------------------------
@@ -345,7 +486,8 @@ def _write_config(base: Path, port: int, clusters: list[PostgresCluster]) -> Con
         "pool": {"size": 10},
     }
     path = base / CONFIG_FILE
-    text = _CONFIG_HEADER + "\n" + yaml.safe_dump(tree, sort_keys=False)
+    text = (_CONFIG_HEADER + "\n" + yaml.safe_dump(tree, sort_keys=False) + "\n"
+            + _sharding_yaml([c.name for c in clusters]))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -356,6 +498,63 @@ def _write_config(base: Path, port: int, clusters: list[PostgresCluster]) -> Con
                         + "\n  ".join(e.problems)) from None
     _say(f"config written to {path}")
     return config
+
+
+def _sharding_yaml(shards: list[str]) -> str:
+    """The demo's shard map, written out with comments: it is the example a reader opens."""
+    def spread(i: int) -> str:
+        return shards[i % len(shards)]
+
+    tenants = ", ".join(f"{t}: {spread(t - 1)}" for t, *_ in TENANTS[:PLACED_TENANTS])
+    categories = ", ".join(f"{c}: {spread(i)}" for i, (c, _) in enumerate(CATEGORIES))
+    bounds: list[str | None] = [None, *QUARTERS, None]
+    ranges = []
+    for q in range(len(bounds) - 1):
+        low, high = bounds[q], bounds[q + 1]
+        parts = ([f"from: {low}"] if low else []) + ([f"to: {high}"] if high else [])
+        # In order: the first quarters on the first shards, so that a time window reaches
+        # neighbouring shards only.
+        shard = shards[q * len(shards) // (len(bounds) - 1)]
+        ranges.append(f"        - {{{', '.join(parts)}, shard: {shard}}}"
+                      f"{'  # open: everything before' if low is None else ''}"
+                      f"{'  # open: everything from here on' if high is None else ''}")
+    range_lines = "\n".join(ranges)
+    return f"""\
+# Where rows live: docs/sharding.md. Every table exists on every shard; the demo loads each row
+# onto the shard this map gives its key.
+sharding:
+  rules:
+    # A shop (tenant) and everything it owns are on one shard: a join on tenant_id stays there.
+    by_tenant:
+      kind: tenant
+      column: tenant_id
+      type: integer
+      tables: [tenants, customers, orders, order_items]
+      tenants: {{{tenants}}}
+      default: {shards[-1]}  # tenants 7, 8 and every tenant not listed
+    # Products by category: all products of a category are on one shard.
+    by_category:
+      kind: category
+      column: category
+      type: text
+      tables: [products]
+      values: {{{categories}}}
+      default: {shards[0]}  # categories not listed
+    # Events by time, a quarter of 2026 per range, in order over the shards: [from, to),
+    # times in UTC.
+    by_time:
+      kind: range
+      column: occurred_at
+      type: timestamptz
+      tables: [events]
+      ranges:
+{range_lines}
+  # A full copy on every shard: reads go to any one, writes to all of them.
+  reference: [countries]
+  # users is in no rule, so it is unsharded and lives on the default shard ({shards[0]}) only.
+  # It is meant to be lookup-sharded (user_id -> shard in a directory in the catalog
+  # database), which this version of Shardwire does not route yet.
+"""
 
 
 def _serve(config: Config) -> None:

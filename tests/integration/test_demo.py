@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import queue
 import re
@@ -11,16 +12,20 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 
+from shardwire.config import load_config
+from shardwire.ids import decode_id
 from shardwire.testing import PostgresCluster, free_port
 
 READY_TIMEOUT = 60
 STOP_TIMEOUT = 60
+ANSWER_TIMEOUT = 30  # for a group of statements through the proxy
 SHARDS = 2
 
 
@@ -93,20 +98,181 @@ def urls(ready_line: str) -> tuple[str, str]:
     return app, admin
 
 
-def assert_shop_readable(url: str) -> dict[str, int]:
-    with psycopg.connect(url, connect_timeout=10) as conn:
-        counts = {table: conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
-                  for table in ("tenants", "customers", "products", "orders", "order_items",
-                                "events", "countries")}
-        # Tenant-owned rows carry their tenant: a join on it finds every order's customer.
+SAMPLE_TABLES = ("countries", "tenants", "customers", "products", "orders", "order_items",
+                 "events", "users")
+TENANT_TABLES = ("tenants", "customers", "orders", "order_items")
+# Tables whose id column defaults to shardwire_next_id(), and that column.
+GENERATED_IDS = {"customers": "customer_id", "products": "product_id", "orders": "order_id",
+                 "events": "event_id", "users": "user_id"}
+Q3 = "occurred_at >= '2026-07-01' AND occurred_at < '2026-10-01'"
+
+
+class DemoShards:
+    """The demo's shard map, and connections straight to its shards (not through the proxy)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.config = load_config(data_dir / "shardwire.yaml")
+        self.names = list(self.config.shards)
+        self.dsns = {name: PostgresCluster(data_dir / name, name=name).dsn("demo")
+                     for name in self.names}
+        self.rules = self.config.sharding.rules
+
+    def query(self, shard: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.dsns[shard], connect_timeout=10) as conn:
+            return conn.execute(sql, params).fetchall()
+
+    def count(self, shard: str, sql: str, params: Sequence[object] = ()) -> int:
+        return int(self.query(shard, sql, params)[0][0])
+
+    def tenant_shard(self, tenant: int) -> str:
+        shard = self.rules["by_tenant"].shard_for(tenant)
+        assert shard is not None
+        return shard
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """Rows of each table on each shard."""
+        return {shard: {t: self.count(shard, f"SELECT count(*) FROM {t}") for t in SAMPLE_TABLES}
+                for shard in self.names}
+
+    def ids(self) -> dict[str, set[int]]:
+        """Every generated id on each shard."""
+        return {shard: {row[0] for table, column in GENERATED_IDS.items()
+                        for row in self.query(shard, f"SELECT {column} FROM {table}")}
+                for shard in self.names}
+
+
+def assert_rows_where_the_map_says(demo: DemoShards) -> None:
+    """Read through each shard's own connection: every row is on the shard its key maps to."""
+    rules = demo.rules
+    totals = dict.fromkeys(SAMPLE_TABLES, 0)
+    tenants_with_orders = set()
+    for number, shard in enumerate(demo.names):
+        for table in TENANT_TABLES:
+            for (tenant,) in demo.query(shard, f"SELECT DISTINCT tenant_id FROM {table}"):
+                assert demo.tenant_shard(tenant) == shard, (table, tenant, shard)
+        tenants_with_orders |= {t for (t,) in demo.query(shard, "SELECT tenant_id FROM orders")}
+        for (category,) in demo.query(shard, "SELECT DISTINCT category FROM products"):
+            assert rules["by_category"].shard_for(category) == shard, (category, shard)
+        for (at,) in demo.query(shard, "SELECT occurred_at FROM events"):
+            assert rules["by_time"].shard_for(at) == shard, (at, shard)
+        if shard != demo.config.default_shard:
+            assert demo.count(shard, "SELECT count(*) FROM users") == 0
+        assert demo.query(shard, "SELECT code FROM countries ORDER BY code") == \
+            demo.query(demo.names[0], "SELECT code FROM countries ORDER BY code")
+        # Ids made on a shard carry its number.
+        for table, column in GENERATED_IDS.items():
+            for (value,) in demo.query(shard, f"SELECT {column} FROM {table}"):
+                assert decode_id(value).shard_number == number, (table, value, shard)
+        for table in SAMPLE_TABLES:
+            if table != "countries" or number == 0:
+                totals[table] += demo.count(shard, f"SELECT count(*) FROM {table}")
+    assert all(n > 0 for n in totals.values()), totals
+    assert 200 <= sum(totals.values()) <= 2000, totals
+    # Every shard holds some of the sharded rows, and every tenant has orders.
+    assert all(demo.count(s, "SELECT count(*) FROM orders") > 0 for s in demo.names)
+    assert all(demo.count(s, "SELECT count(*) FROM events") > 0 for s in demo.names)
+    tenants = {t for s in demo.names for (t,) in demo.query(s, "SELECT tenant_id FROM tenants")}
+    assert tenants_with_orders == tenants
+
+
+def assert_keyed_queries_work(url: str, demo: DemoShards) -> None:
+    """Through the proxy, a query with a key reads exactly what that key's shard holds."""
+    q3_shard = demo.rules["by_time"].shard_for(datetime.datetime(2026, 8, 1, tzinfo=datetime.UTC))
+    games_shard = demo.rules["by_category"].shard_for("games")
+    assert q3_shard is not None and games_shard is not None
+    cases = [
+        (f"SELECT count(*) FROM {table} WHERE tenant_id = %s", (tenant,),
+         demo.tenant_shard(tenant))
+        for table in TENANT_TABLES for tenant in (1, 2, 8)  # 8: the rule's default
+    ] + [
+        ("SELECT count(*) FROM products WHERE category = %s", ("games",), games_shard),
+        (f"SELECT count(*) FROM events WHERE {Q3}", (), q3_shard),
+        ("SELECT count(*) FROM users", (), demo.config.default_shard),
+        ("SELECT count(*) FROM countries", (), demo.names[-1]),
+    ]
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        for sql, params, shard in cases:
+            through_proxy = conn.execute(sql, params).fetchone()
+            assert through_proxy is not None
+            assert through_proxy[0] == demo.count(shard, sql, params) > 0, sql
+        # Joins on the key, and with a reference table, run on the key's shard.
+        row = conn.execute(
+            "SELECT t.name, c.currency, count(o.order_id) FROM tenants t"
+            " JOIN countries c ON c.code = t.country_code"
+            " JOIN orders o ON o.tenant_id = t.tenant_id"
+            " WHERE t.tenant_id = 2 GROUP BY t.name, c.currency").fetchone()
+        assert row == ("Bluebird Games", "USD", demo.count(
+            demo.tenant_shard(2), "SELECT count(*) FROM orders WHERE tenant_id = 2"))
         orphans = conn.execute(
             "SELECT count(*) FROM orders o LEFT JOIN customers c"
             " ON c.tenant_id = o.tenant_id AND c.customer_id = o.customer_id"
-            " WHERE c.customer_id IS NULL").fetchone()[0]
-    assert all(n > 0 for n in counts.values()), counts
-    assert 200 <= sum(counts.values()) <= 2000, counts
-    assert orphans == 0
-    return counts
+            " WHERE o.tenant_id = 3 AND c.customer_id IS NULL").fetchone()
+        assert orphans == (0,)
+
+
+def assert_key_less_queries_refused(url: str) -> None:
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        for sql in ("SELECT count(*) FROM orders",  # tenant rule: every shard
+                    "SELECT count(*) FROM events",  # range rule: every shard
+                    "UPDATE orders SET status = 'paid' WHERE status = 'unpaid'"):
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+                conn.execute(sql)
+            assert refused.value.diag.sqlstate == "0A000"
+            assert refused.value.diag.message_hint, sql
+        # The connection is still usable.
+        assert conn.execute("SELECT count(*) FROM tenants WHERE tenant_id = 1").fetchone() == (1,)
+
+
+def insert_through_proxy(url: str, demo: DemoShards) -> None:
+    """An INSERT through the proxy lands on its key's shard, with an id made there."""
+    tenant = 2
+    shard = demo.tenant_shard(tenant)
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        customer = conn.execute("SELECT min(customer_id) FROM customers WHERE tenant_id = %s",
+                                (tenant,)).fetchone()
+        assert customer is not None
+        row = conn.execute(
+            "INSERT INTO orders (tenant_id, order_no, customer_id, status, ordered_at)"
+            " VALUES (%s, 9001, %s, 'paid', now()) RETURNING order_id",
+            (tenant, customer[0])).fetchone()
+        assert row is not None
+        order_id = row[0]
+        event = conn.execute(
+            "INSERT INTO events (tenant_id, occurred_at, kind)"
+            " VALUES (1, '2026-08-15 12:00+00', 'signup') RETURNING event_id").fetchone()
+        assert event is not None
+    for name in demo.names:
+        on_it = demo.count(name, "SELECT count(*) FROM orders WHERE order_id = %s", (order_id,))
+        assert on_it == (1 if name == shard else 0), name
+    assert decode_id(order_id).shard_number == demo.names.index(shard)
+    q3_shard = demo.rules["by_time"].shard_for(datetime.datetime(2026, 8, 15, 12,
+                                                                 tzinfo=datetime.UTC))
+    assert q3_shard is not None
+    assert demo.count(q3_shard, "SELECT count(*) FROM events WHERE event_id = %s",
+                      (event[0],)) == 1
+    assert decode_id(event[0]).shard_number == demo.names.index(q3_shard)
+
+
+def within(seconds: float, check: Callable[..., None], *args: object) -> None:
+    """Run `check`, which talks to the proxy; a statement left without an answer fails the
+    test instead of hanging it (the thread ends when the demo is stopped)."""
+    outcome: queue.Queue[BaseException | None] = queue.Queue()
+
+    def run() -> None:
+        try:
+            check(*args)
+        except BaseException as e:  # handed to the test's thread
+            outcome.put(e)
+        else:
+            outcome.put(None)
+
+    threading.Thread(target=run, daemon=True).start()
+    try:
+        error = outcome.get(timeout=seconds)
+    except queue.Empty:
+        pytest.fail(f"{check.__name__}: the proxy did not answer within {seconds}s")
+    if error is not None:
+        raise error
 
 
 def show_shards(admin_url: str) -> list[tuple[object, ...]]:
@@ -133,10 +299,15 @@ def test_demo_starts_serves_stops_and_restarts(demo_dir: Path, tmp_path: Path) -
         app_url, admin_url = urls(first.wait_ready())
         assert app_url == f"postgresql://demo:demo@127.0.0.1:{port}/demo"
         assert admin_url == f"postgresql://demo:demo@127.0.0.1:{port}/shardwire"
-        counts = assert_shop_readable(app_url)
         shards = show_shards(admin_url)
         assert [row[0] for row in shards] == ["shard1", "shard2"]
         assert (demo_dir / "shardwire.yaml").is_file()
+        demo = DemoShards(demo_dir)
+        assert_rows_where_the_map_says(demo)
+        within(ANSWER_TIMEOUT, assert_keyed_queries_work, app_url, demo)
+        within(ANSWER_TIMEOUT, assert_key_less_queries_refused, app_url)
+        within(ANSWER_TIMEOUT, insert_through_proxy, app_url, demo)
+        counts, ids = demo.counts(), demo.ids()
         assert first.interrupt() == 0
     finally:
         first.kill()
@@ -149,11 +320,14 @@ def test_demo_starts_serves_stops_and_restarts(demo_dir: Path, tmp_path: Path) -
     second = Demo(demo_dir, port, log)
     try:
         app_url, admin_url = urls(second.wait_ready())
-        # The same servers on the same ports, and the sample data was not loaded twice.
+        # The same servers on the same ports, and the sample data was not loaded again: the
+        # same rows with the same ids, and the rows inserted through the proxy are kept.
         assert version_file.stat().st_ino == created.st_ino
         assert version_file.stat().st_mtime_ns == created.st_mtime_ns
         assert (demo_dir / "shardwire.yaml").read_text() == config
-        assert assert_shop_readable(app_url) == counts
+        assert demo.counts() == counts
+        assert demo.ids() == ids
+        within(ANSWER_TIMEOUT, assert_keyed_queries_work, app_url, demo)
         assert len(show_shards(admin_url)) == SHARDS
         assert second.interrupt() == 0
     finally:
