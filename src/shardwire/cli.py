@@ -43,7 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--log-level", default="warning",
                       choices=["debug", "info", "warning", "error"])
 
+    explain = sub.add_parser(
+        "explain", help="show where a statement goes and why",
+        description="Route one statement (as a simple Query) by the config's shard map and "
+        "print the shards it goes to and why, or the error a client would get. Lookup rules "
+        "show the directory keys they need.")
+    explain.add_argument("--config", required=True, metavar="FILE")
+    explain.add_argument("--json", action="store_true", help="print JSON")
+    explain.add_argument("sql", help="the statement")
+
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        return _explain(args.config, args.sql, as_json=args.json)
     if args.command == "check":
         return _check(args.config)
     logging.basicConfig(level=args.log_level.upper(),
@@ -70,6 +81,34 @@ def _check(path: str) -> int:
         return 1
     print(f"{path}: ok ({len(config.shards)} shards, {len(config.users)} users)")
     return 0
+
+
+def _explain(path: str, sql: str, *, as_json: bool) -> int:
+    import json
+
+    from .config.load import ConfigError, load_config
+    from .proxy.routing import StatementRouter
+    from .router.plan import Refusal, describe
+    from .router.route import RouteContext
+    try:
+        config = load_config(path)
+    except (ConfigError, OSError) as e:
+        print(f"{path}: {e}", file=sys.stderr)
+        return 1
+    plan = StatementRouter(config.sharding).plan_query(sql.encode(), RouteContext())
+    out = describe(plan)
+    if out.get("route") in ("single", "multi"):
+        shards = out["shards"]
+        assert isinstance(shards, list)
+        given = out.get("sql") or {}
+        assert isinstance(given, dict)
+        out["sql"] = {shard: given.get(shard, sql) for shard in shards}
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for key, value in out.items():
+            print(f"{key}: {value}")
+    return 1 if isinstance(plan, Refusal) else 0
 
 
 def _serve(path: str) -> int:

@@ -108,3 +108,21 @@ def test_catalog_down_gives_a_clear_error(make_proxy: MakeProxy,
         assert err.value.sqlstate == "08006"
         assert "catalog" in str(err.value)
         assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_show_route_for(make_proxy: MakeProxy, shards: list[PostgresCluster],
+                        users_table: str) -> None:
+    def edit(cfg: dict[str, Any]) -> None:
+        cfg["sharding"] = {"rules": {"by_tenant": {
+            "kind": "tenant", "column": "tenant_id", "tables": ["sr_orders"],
+            "tenants": {1: "s1", 2: "s2"}, "default": "s1"}}}
+    proxy = make_proxy(edit)
+    with psycopg.connect(proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        row = conn.execute("SHOW ROUTE FOR SELECT * FROM sr_orders WHERE tenant_id = 2"
+                           ).fetchone()
+        assert row is not None and row[:2] == ("single", "s2")
+        row = conn.execute("SHOW ROUTE FOR SELECT * FROM sr_orders").fetchone()
+        assert row is not None and row[:2] == ("multi", "s1, s2")
+        row = conn.execute("SHOW ROUTE FOR SELECT * FROM sr_orders o JOIN sr_orders p "
+                           "ON o.id = p.id").fetchone()
+        assert row is not None and row[0] == "refused" and row[3] == "0A000"

@@ -24,7 +24,15 @@ from ..router.classify import (
     session_reset,
     session_state_reason,
 )
-from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
+from ..router.plan import (
+    AnyShard,
+    MultiShard,
+    NeedLookup,
+    Plan,
+    Refusal,
+    SingleShard,
+    describe,
+)
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
 from .directory import Directory
@@ -55,6 +63,7 @@ PENDING_LIMIT = 4 * 1024 * 1024
 
 _Q, _P, _S, _X, _B = ord("Q"), ord("P"), ord("S"), ord("X"), ord("B")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
+_SHOW_ROUTE = re.compile(rb"(?is)^\s*show\s+route\s+for\s+(.+?)\s*;?\s*$")
 # A BEGIN the proxy may answer itself and send later, with the first statement's shard.
 _PLAIN_BEGIN = re.compile(
     rb"(?is)^\s*(begin|start\s+transaction)(\s+(work|transaction))?"
@@ -729,8 +738,22 @@ class ClientConnection(asyncio.Protocol):
         self._write_server([], server.link.refusal(error, own_unit=ends_unit))
 
     def _local_query(self, sql: bytes) -> bytes | None:
-        """Replies for a Query the proxy answers itself (SET shardwire.*, a BEGIN or COMMIT
-        with no shard yet), or None."""
+        """Replies for a Query the proxy answers itself (SET shardwire.*, SHOW ROUTE FOR, a
+        BEGIN or COMMIT with no shard yet), or None."""
+        shown = _SHOW_ROUTE.match(sql)
+        if shown:
+            plan = describe(self.proxy.router.plan_query(shown.group(1), self._context(),
+                                                         self._timezone()))
+            columns = [("route", m.TEXT_OID), ("shards", m.TEXT_OID), ("reason", m.TEXT_OID),
+                       ("sqlstate", m.TEXT_OID), ("message", m.TEXT_OID)]
+            shards = plan.get("shards")
+            row = [plan.get("route"),
+                   ", ".join(str(x) for x in shards) if isinstance(shards, list) and shards
+                   else None,
+                   plan.get("reason") or plan.get("hint"), plan.get("sqlstate"),
+                   plan.get("message")]
+            return (m.row_description(columns) + m.data_row(row)
+                    + m.command_complete("SHOW"))
         analyses = self.proxy.router.prepared(sql)
         if len(analyses) != 1:
             return None
