@@ -52,7 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     explain.add_argument("--json", action="store_true", help="print JSON")
     explain.add_argument("sql", help="the statement")
 
+    ids = sub.add_parser(
+        "ids", help="install the global id function on every shard",
+        description="Install shardwire_next_id() and its counter shardwire_id_seq on the "
+        "primary of every shard, each numbered by its position in the config's shards (see "
+        "docs/sharding.md, Global ids). Safe to run again; never resets the counter. Prints "
+        "a line per shard; exits 1 if any shard failed.")
+    ids.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
+
     args = parser.parse_args(argv)
+    if args.command == "ids":
+        from .ids import ids_command
+        return ids_command(args.config)
     if args.command == "explain":
         return _explain(args.config, args.sql, as_json=args.json)
     if args.command == "check":

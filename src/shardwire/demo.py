@@ -553,7 +553,7 @@ sharding:
   reference: [countries]
   # users is in no rule, so it is unsharded and lives on the default shard ({shards[0]}) only.
   # It is meant to be lookup-sharded (user_id -> shard in a directory in the catalog
-  # database), which this version of Shardwire does not route yet.
+  # database); the demo does not do that yet.
 """
 
 

@@ -265,7 +265,15 @@ def _shards(cond: Cond, rule: Rule, resolve: Callable[[Slot], tuple[KeyValue | N
             return None
     if isinstance(cond, And):
         result: frozenset[str] | None = None
-        for part in cond.parts:
+        parts = list(cond.parts)
+        intervals = [p for p in parts if isinstance(p, Interval)]
+        if len(intervals) > 1 and rule.kind is RuleKind.RANGE:
+            # `k >= a AND k < b`: one interval, so that shards holding only values above b or
+            # below a are not kept by each bound alone.
+            merged = _merge_intervals(intervals, resolve)
+            if merged is not None:
+                parts = [p for p in parts if not isinstance(p, Interval)] + [merged]
+        for part in parts:
             found = _shards(part, rule, resolve, ctx)
             if found is not None:
                 result = found if result is None else result & found
@@ -279,6 +287,34 @@ def _shards(cond: Cond, rule: Rule, resolve: Callable[[Slot], tuple[KeyValue | N
             union |= found
         return union
     return None
+
+
+def _merge_intervals(intervals: list[Interval],
+                     resolve: Callable[[Slot], tuple[KeyValue | None, bool]]
+                     ) -> Interval | None:
+    """The intersection of key intervals, with the tightest bound of each side kept as the
+    slot it came from; None when a bound cannot be read (then each counts alone)."""
+    low: tuple[KeyValue, Slot, bool] | None = None
+    high: tuple[KeyValue, Slot, bool] | None = None
+    try:
+        for iv in intervals:
+            if iv.low is not None:
+                value, ok = resolve(iv.low)
+                if not ok or value is None:
+                    return None
+                if low is None or value > low[0] or (value == low[0] and not iv.low_inclusive):
+                    low = (value, iv.low, iv.low_inclusive)
+            if iv.high is not None:
+                value, ok = resolve(iv.high)
+                if not ok or value is None:
+                    return None
+                if high is None or value < high[0] or (
+                        value == high[0] and not iv.high_inclusive):
+                    high = (value, iv.high, iv.high_inclusive)
+    except TypeError:
+        return None
+    return Interval(low[1] if low else None, low[2] if low else False,
+                    high[1] if high else None, high[2] if high else False)
 
 
 def _of_values(rule: Rule, slots: list[Slot],
