@@ -4,6 +4,7 @@ life cycle of the whole process. The only module here that touches client socket
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import logging
 import re
@@ -1048,6 +1049,10 @@ async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None) -
     """Serve until SIGINT or SIGTERM; SIGHUP reloads the config file."""
     proxy = Proxy(config)
     await proxy.start()
+    # Everything loaded so far (sqlglot's tables above all) lives as long as the process:
+    # keep it out of the garbage collector's full passes, which would otherwise walk it all.
+    gc.collect()
+    gc.freeze()
     loop = asyncio.get_running_loop()
     stop = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
