@@ -273,7 +273,7 @@ class ClientConnection(asyncio.Protocol):
         self._deliver(msgs, raw)
 
     def _deliver(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
-        if self.proxy.router.active:
+        if self.proxy.routing:
             self._dispatch(msgs)
         else:
             self._send(msgs, raw)
@@ -879,6 +879,7 @@ class Proxy:
         smap = getattr(config, "sharding", None) or ShardMap(tuple(config.shards),
                                                              config.default_shard)
         self.router = StatementRouter(smap)
+        self.routing = smap.sharded  # False: everything goes to the default shard, unrouted
         old_directory = getattr(self, "directory", None)
         self.directory = Directory(config.catalog, smap)
         if old_directory is not None:
