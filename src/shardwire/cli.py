@@ -6,8 +6,12 @@ import argparse
 import asyncio
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config.model import Config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,17 +82,23 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
-def _check(path: str) -> int:
+def load_or_report(path: str) -> Config | None:
+    """The config at `path`, or None after printing its problems to stderr."""
     from .config.load import ConfigError, load_config
     try:
-        config = load_config(path)
+        return load_config(path)
     except ConfigError as e:
         print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
         for problem in e.problems:
             print(f"  {problem}", file=sys.stderr)
-        return 1
     except OSError as e:
         print(f"{path}: {e.strerror}", file=sys.stderr)
+    return None
+
+
+def _check(path: str) -> int:
+    config = load_or_report(path)
+    if config is None:
         return 1
     print(f"{path}: ok ({len(config.shards)} shards, {len(config.users)} users)")
     return 0
@@ -97,14 +107,11 @@ def _check(path: str) -> int:
 def _explain(path: str, sql: str, *, as_json: bool) -> int:
     import json
 
-    from .config.load import ConfigError, load_config
     from .proxy.routing import StatementRouter
     from .router.plan import Refusal, describe
     from .router.route import RouteContext
-    try:
-        config = load_config(path)
-    except (ConfigError, OSError) as e:
-        print(f"{path}: {e}", file=sys.stderr)
+    config = load_or_report(path)
+    if config is None:
         return 1
     plan = StatementRouter(config.sharding).plan_query(sql.encode(), RouteContext())
     out = describe(plan)
@@ -123,17 +130,9 @@ def _explain(path: str, sql: str, *, as_json: bool) -> int:
 
 
 def _serve(path: str) -> int:
-    from .config.load import ConfigError, load_config
     from .proxy.server import install_uvloop, run
-    try:
-        config = load_config(path)
-    except ConfigError as e:
-        print(f"{path}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 1
-    except OSError as e:
-        print(f"{path}: {e.strerror}", file=sys.stderr)
+    config = load_or_report(path)
+    if config is None:
         return 1
     install_uvloop()
 

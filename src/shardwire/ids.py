@@ -249,14 +249,10 @@ async def _install_one(name: str, number: int, server: ServerAddress,
 
 def ids_command(config_path: str) -> int:
     """`shardwire ids --config FILE`: install the global id function on every shard."""
-    from .config.load import ConfigError, load_config
+    from .cli import load_or_report
 
-    try:
-        config = load_config(config_path)
-    except ConfigError as e:
-        print(f"{config_path}: {len(e.problems)} problem(s):", file=sys.stderr)
-        for problem in e.problems:
-            print(f"  {problem}", file=sys.stderr)
+    config = load_or_report(config_path)
+    if config is None:
         return 1
     outcomes = asyncio.run(_install_all(config))
     for outcome in outcomes:

@@ -131,17 +131,7 @@ def _parse_int(text: str, key_type: KeyType = KeyType.INTEGER) -> int:
         if m is None:
             why = "not an integer" if _NUMERIC.fullmatch(text) else ""
             raise _invalid(key_type, text, why)
-        sign, hexa, octal, binary, dec = m.groups()
-        if dec is not None:
-            value = int(dec.replace("_", ""))
-        elif hexa is not None:
-            value = int(hexa.replace("_", ""), 16)
-        elif octal is not None:
-            value = int(octal.replace("_", ""), 8)
-        else:
-            value = int(binary.replace("_", ""), 2)
-        if sign == "-":
-            value = -value
+        value = _parse_int_unbounded(m)
     if not _INT8_MIN <= value <= _INT8_MAX:
         raise _out_of_range(key_type, text, "integer keys are bigint")
     return value
