@@ -64,6 +64,9 @@ PENDING_LIMIT = 4 * 1024 * 1024
 
 _Q, _P, _S, _X, _B = ord("Q"), ord("P"), ord("S"), ord("X"), ord("B")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
+# First words of the queries the proxy may answer itself (see _local_query).
+_LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
+                b"abort")
 _SHOW_ROUTE = re.compile(rb"(?is)^\s*show\s+route\s+for\s+(.+?)\s*;?\s*$")
 # A BEGIN the proxy may answer itself and send later, with the first statement's shard.
 _PLAIN_BEGIN = re.compile(
@@ -741,6 +744,8 @@ class ClientConnection(asyncio.Protocol):
     def _local_query(self, sql: bytes) -> bytes | None:
         """Replies for a Query the proxy answers itself (SET shardwire.*, SHOW ROUTE FOR, a
         BEGIN or COMMIT with no shard yet), or None."""
+        if not sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):
+            return None  # the common case, decided without an analysis
         shown = _SHOW_ROUTE.match(sql)
         if shown:
             plan = describe(self.proxy.router.plan_query(shown.group(1), self._context(),
