@@ -24,7 +24,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import sys
 import tempfile
 import time
@@ -35,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import report
 from pgbench_run import PgbenchResult, Target, initialise, run_select_only
 from report import Workload, write_json
 from run import (
@@ -69,22 +69,8 @@ ROUTE_CHECK = "SHOW ROUTE FOR SELECT abalance FROM pgbench_accounts WHERE aid = 
 
 
 @dataclass(frozen=True, slots=True)
-class Row:
-    workload: Workload
-    rounds: tuple[Mapping[str, PgbenchResult], ...]  # one {setup: result} per round
-
-    def median(self, pick: Callable[[Mapping[str, PgbenchResult]], float | None]) -> float | None:
-        values = [v for v in (pick(r) for r in self.rounds) if v is not None]
-        return statistics.median(values) if values else None
-
-    def tps(self, setup: str) -> float | None:
-        return self.median(lambda r: r[setup].tps)
-
-    def p50(self, setup: str) -> float | None:
-        return self.median(lambda r: r[setup].p50_ms)
-
-    def p99(self, setup: str) -> float | None:
-        return self.median(lambda r: r[setup].p99_ms)
+class Row(report.Row):
+    """One workload's results; the targets here are the two setups."""
 
     @property
     def ratio(self) -> float | None:
@@ -101,13 +87,6 @@ class Row:
             r[setup].failed + r[setup].aborted_clients + (1 if r[setup].returncode else 0)
             for r in self.rounds
         )
-
-    def errors(self, setup: str) -> list[tuple[str, int]]:
-        counts: dict[str, int] = {}
-        for r in self.rounds:
-            for text, count in r[setup].errors:
-                counts[text] = counts.get(text, 0) + count
-        return list(counts.items())
 
     @property
     def name(self) -> str:
