@@ -7,10 +7,12 @@ cluster shard1). Tests that need other settings build their own with `make_proxy
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from shardwire.testing import PostgresCluster
@@ -91,3 +93,29 @@ def make_proxy(shards: list[PostgresCluster], tmp_path: Path) -> Iterator[MakePr
     yield make
     for proc in started:
         proc.stop()
+
+
+def on_shard(cluster: PostgresCluster, sql: str, params: Sequence[Any] | None = None
+             ) -> list[tuple[Any, ...]]:
+    """Rows of `sql` run directly on one shard, bypassing the proxy."""
+    with psycopg.connect(cluster.dsn(DATABASE), autocommit=True) as conn:
+        cur = conn.execute(sql, params)
+        return cur.fetchall() if cur.description else []
+
+
+def assert_nothing_left_behind(proxy: ProxyProcess, shards: list[PostgresCluster]) -> None:
+    """TESTING idea 4: no session idle in transaction on any shard (within a few seconds),
+    and the proxy still serves a fresh connection."""
+    deadline = time.monotonic() + 3
+    while True:
+        stuck = {c.name: on_shard(c, "select pid, state, left(query, 80) from pg_stat_activity "
+                                     "where datname = %s and state like 'idle in transaction%%' "
+                                     "and pid <> pg_backend_pid()", [DATABASE])
+                 for c in shards}
+        stuck = {k: v for k, v in stuck.items() if v}
+        if not stuck or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert not stuck, f"sessions left idle in transaction: {stuck}"
+    with psycopg.connect(proxy.dsn("app", APP_PASSWORD), connect_timeout=10) as conn:
+        assert conn.execute("select 1").fetchone() == (1,)

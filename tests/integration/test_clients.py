@@ -22,7 +22,7 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from decimal import Decimal
@@ -32,7 +32,7 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_PASSWORD, DATABASE, SESSION_PASSWORD
+from conftest import APP_PASSWORD, DATABASE, SESSION_PASSWORD, assert_nothing_left_behind, on_shard
 from psycopg import errors as pg_errors
 from psycopg.types.json import Jsonb
 
@@ -48,14 +48,6 @@ CROWD = 16
 
 def unique(prefix: str) -> str:
     return f"cl_{prefix}_{uuid.uuid4().hex[:10]}"
-
-
-def on_shard(cluster: PostgresCluster, sql: str, params: Sequence[Any] | None = None
-             ) -> list[tuple[Any, ...]]:
-    """Rows of `sql` run directly on one shard, bypassing the proxy."""
-    with psycopg.connect(cluster.dsn(DATABASE), autocommit=True) as conn:
-        cur = conn.execute(sql, params)
-        return cur.fetchall() if cur.description else []
 
 
 def table_exists(cluster: PostgresCluster, name: str) -> bool:
@@ -123,19 +115,7 @@ def nothing_left_behind(proxy: ProxyProcess, shards: list[PostgresCluster]) -> I
     """After each test: no session idle in transaction on any shard, and the proxy still
     serves a fresh connection (TESTING idea 4)."""
     yield
-    deadline = time.monotonic() + 3
-    while True:
-        stuck = {c.name: on_shard(c, "select pid, state, left(query, 80) from pg_stat_activity "
-                                     "where datname = %s and state like 'idle in transaction%%' "
-                                     "and pid <> pg_backend_pid()", [DATABASE])
-                 for c in shards}
-        stuck = {k: v for k, v in stuck.items() if v}
-        if not stuck or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not stuck, f"sessions left idle in transaction: {stuck}"
-    with psycopg.connect(proxy.dsn("app", APP_PASSWORD), connect_timeout=10) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
+    assert_nothing_left_behind(proxy, shards)
 
 
 # --- psql ----------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import os
 import socket
 import subprocess
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +40,15 @@ from typing import Any
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_PASSWORD, DATABASE, PROXY_ENV, SESSION_PASSWORD, base_config
+from conftest import (
+    APP_PASSWORD,
+    DATABASE,
+    PROXY_ENV,
+    SESSION_PASSWORD,
+    assert_nothing_left_behind,
+    base_config,
+    on_shard,
+)
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -137,14 +144,6 @@ assert {hash_shard(str(u)) for u in SESSION_IDS} == set(SHARD_NAMES)
 
 
 # --- helpers -------------------------------------------------------------------------------
-
-
-def on_shard(cluster: PostgresCluster, sql: str, params: Sequence[Any] | None = None
-             ) -> list[tuple[Any, ...]]:
-    """Rows of `sql` run directly on one shard, bypassing the proxy."""
-    with psycopg.connect(cluster.dsn(DATABASE), autocommit=True) as conn:
-        cur = conn.execute(sql, params)
-        return cur.fetchall() if cur.description else []
 
 
 def notes_by_shard(shards: list[PostgresCluster], table: str, where: str = "true",
@@ -304,19 +303,7 @@ def empty_tables_and_nothing_left_behind(routing_proxy: ProxyProcess,
         on_shard(cluster, f"truncate {', '.join(SHARDED_TABLES)}")
     on_shard(shards[0], f"truncate {NOTES}")
     yield
-    deadline = time.monotonic() + 3
-    while True:
-        stuck = {c.name: on_shard(c, "select pid, state, left(query, 80) from pg_stat_activity "
-                                     "where datname = %s and state like 'idle in transaction%%' "
-                                     "and pid <> pg_backend_pid()", [DATABASE])
-                 for c in shards}
-        stuck = {k: v for k, v in stuck.items() if v}
-        if not stuck or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
-    assert not stuck, f"sessions left idle in transaction: {stuck}"
-    with psycopg.connect(routing_proxy.dsn("app", APP_PASSWORD), connect_timeout=10) as conn:
-        assert conn.execute("select 1").fetchone() == (1,)
+    assert_nothing_left_behind(routing_proxy, shards)
 
 
 # --- placement -----------------------------------------------------------------------------
