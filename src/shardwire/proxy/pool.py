@@ -313,13 +313,7 @@ class Pool:
             # Mid-transaction or mid-reply: nobody else may inherit that state.
             conn.abort("released while not idle")
             return
-        while self.waiters:
-            fut = self.waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
-                return
-        self.active.discard(conn)
-        self.idle.append(conn)
+        self._hand_over(conn)
 
     def forget(self, conn: ServerConnection) -> None:
         self.active.discard(conn)
@@ -343,9 +337,10 @@ class Pool:
                     fut.set_exception(e)
                     return
             return
-        self.release_new(conn)
+        self._hand_over(conn)
 
-    def release_new(self, conn: ServerConnection) -> None:
+    def _hand_over(self, conn: ServerConnection) -> None:
+        """Give an idle connection to the first client waiting, else keep it idle."""
         while self.waiters:
             fut = self.waiters.popleft()
             if not fut.done():

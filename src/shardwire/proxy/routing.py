@@ -195,17 +195,6 @@ class StatementRouter:
                 return fast
         return combine([route(a, self.smap, values, ctx) for a in analyses])
 
-    def plan_unbound(self, analyses: Sequence[Analysis], ctx: RouteContext) -> Plan:
-        """For a Describe before any Bind: where the statement's tables are; the schema is the
-        same on every shard, so any shard of the plan will do."""
-        def values(slot: Slot, key_type: KeyType) -> KeyValue | None:
-            if slot.null:
-                return None
-            if slot.literal is not None:
-                return literal_value(slot, slot.literal, slot.string, key_type, "UTC")
-            raise ValueError("not bound yet")
-        return combine([route(a, self.smap, values, ctx) for a in analyses])
-
 
 _UNSET = object()
 

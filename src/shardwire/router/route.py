@@ -24,7 +24,7 @@ from .analyze import (
     Unknown,
 )
 from .plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
-from .shardmap import KeyType, KeyValue, Rule, RuleKind, ShardMap, TableName
+from .shardmap import KeyType, KeyValue, Rule, RuleKind, ShardMap
 
 # Resolves a slot to a key value of the given type; None for SQL NULL. Raises ValueError when
 # the value cannot be read as that type.
@@ -342,8 +342,4 @@ def _of_values(rule: Rule, slots: list[Slot],
     return frozenset(out)
 
 
-def table_names(a: Analysis) -> list[TableName]:
-    return [t for cls in a.classes for t in cls.tables] + list(a.unsharded) + list(a.reference)
-
-
-__all__ = ["RouteContext", "Values", "route", "table_names", "UNKNOWN"]
+__all__ = ["RouteContext", "Values", "route", "UNKNOWN"]
