@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import re
 
 import pytest
 import sqlglot
 from sqlglot import exp
 
-from shardwire.router.fingerprint import LITERAL_BASE, Literal, fingerprint
+from shardwire.router.fingerprint import LITERAL_BASE, FingerprintCache, Literal, fingerprint
 
 
 def n(text: str) -> Literal:
@@ -245,3 +246,41 @@ def test_sqlglot_tokenizer_bug_is_still_there() -> None:
     with pytest.raises(sqlglot.errors.TokenError):
         sqlglot.parse_one("SELECT * FROM t WHERE a IN ($2,$3)", read="postgres")
     sqlglot.parse_one("SELECT * FROM t WHERE a IN ($2 ,$3)", read="postgres")
+
+
+# Bytes that change how a query is read when they land in or next to a literal.
+_MUTATIONS = b"'.e1 -\n\x00\xff$a;()E\\"
+
+
+@pytest.mark.parametrize("sql", CORPUS + [
+    "select 'caf\u00e9', 'it''s', 1.5e3, .5 from t where a = 1",
+    "select * from t where a in (1,2,3)", "select * from t where a in (1,2,3,4)",
+    "select E'x\\n', $$y$$, 'z' from t", "select x from t order by 1 limit 5",
+])
+def test_shape_cache_gives_what_the_scan_gives(sql: str) -> None:
+    """The cache answers a query of a known shape by a pattern match: for the query itself, for
+    the same shape with other values, and for texts one byte away (which may or may not keep the
+    shape), its answer is always the scanner's."""
+    cache = FingerprintCache()
+    original = sql.encode()
+    rng = random.Random(original)
+    assert cache(original) == fingerprint(original)
+    assert cache(original) == fingerprint(original)
+    for _ in range(200):
+        pos = rng.randrange(len(original))
+        mutant = original[:pos] + bytes([rng.choice(_MUTATIONS)]) + original[pos + 1:]
+        cache(original)
+        assert cache(mutant) == fingerprint(mutant), mutant
+        assert cache(mutant) == fingerprint(mutant), mutant
+
+
+@pytest.mark.parametrize("template", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = {n}",
+    "select * from t where a = {s} and b in ({n},{n},{n}) limit {n}",
+])
+def test_shape_cache_reads_new_values(template: str) -> None:
+    cache = FingerprintCache()
+    for seed in (1, 987, 5, 123456):
+        sql = _fill(template, seed).encode()
+        assert cache(sql) == fingerprint(sql)
+    assert cache(b"select * from t where a = 'it''s' and b in (1,2,3) limit 4")[1][0] == s("it's")

@@ -14,7 +14,7 @@ from decimal import ROUND_HALF_UP, Decimal
 
 from ..router.analyze import Analysis, Eq, Kind, Slot, analyze
 from ..router.classify import split_statements
-from ..router.fingerprint import LITERAL_BASE, Literal, fingerprint
+from ..router.fingerprint import LITERAL_BASE, FingerprintCache, Literal
 from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
 from ..router.route import RouteContext, route
 from ..router.shardmap import KeyType, KeyValue, RuleKind, ShardMap
@@ -83,6 +83,7 @@ class StatementRouter:
         self._fast_slots: dict[int, object] = {}  # id(analysis) -> its key slot, or None
         self._keep: list[Analysis] = []  # the analyses behind those ids stay alive
         self._reasons: dict[tuple[str, str], str] = {}
+        self._fingerprint = FingerprintCache()
 
     @property
     def active(self) -> bool:
@@ -108,7 +109,7 @@ class StatementRouter:
 
     def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC") -> Plan:
         """The plan of a simple Query (all its statements)."""
-        printed = fingerprint(sql)
+        printed = self._fingerprint(sql)
         literals: tuple[Literal, ...] = ()
         if printed is not None:
             shape, literals = printed

@@ -64,6 +64,7 @@ PENDING_LIMIT = 4 * 1024 * 1024
 
 _Q, _P, _S, _X, _B = ord("Q"), ord("P"), ord("S"), ord("X"), ord("B")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
+_BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
 # First words of the queries the proxy may answer itself (see _local_query).
 _LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
                 b"abort")
@@ -276,10 +277,57 @@ class ClientConnection(asyncio.Protocol):
         self._deliver(msgs, raw)
 
     def _deliver(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
-        if self.proxy.routing:
-            self._dispatch(msgs)
-        else:
+        if not self.proxy.routing:
             self._send(msgs, raw)
+        elif (self.server is None and not self.waiting and not self.batch
+              and self.begin_sql is None and self.state == "idle" and not self.skip_to_sync
+              and not (self.shard_session or self.shard_local or self.key_session
+                       or self.key_local)):
+            self._route_unit(msgs, raw)
+        else:
+            self._dispatch(msgs)
+
+    def _route_unit(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        """The common case of a sharded setup, between transactions: a whole Query, or a Bind of
+        a named statement up to its Sync, that one shard runs. It goes out in one write, as on
+        the unsharded path; everything else takes the general path (`_dispatch`)."""
+        kind, body = msgs[0]
+        router = self.proxy.router
+        if kind == _Q:
+            sql = body[:-1]
+            if len(msgs) != 1 or sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):
+                self._dispatch(msgs)
+                return
+            plan = router.plan_query(sql, self.proxy.no_context, self._timezone())
+        elif kind == _B and msgs[-1][0] == _S and all(k in _BOUND for k, _ in msgs[1:]):
+            _, statement, params = read_bind(body)
+            known = self.analyses.get(statement) if statement else None
+            if known is None:
+                self._dispatch(msgs)
+                return
+            plan = router.plan_bind(known[0], known[1], params, self.proxy.no_context,
+                                    self._timezone())
+        else:
+            self._dispatch(msgs)
+            return
+        if type(plan) is SingleShard:
+            pool = self.proxy.pool_for(plan.shard)
+            conn = pool.try_acquire()
+            if conn is not None:
+                self.queries += 1
+                self.pool = pool
+                prefix = self._attach(conn)  # before the rewrite: its replies come first
+                data = self.statements.rewrite(msgs, conn.link, raw)
+                if prefix:
+                    data = prefix + data
+                if self.reset is not None or self.setting_change is not None:
+                    data += self._after_send(conn)
+                conn.write(data)
+                stats = pool.stats
+                stats.bytes_in += len(data)
+                stats.queries += 1
+                return
+        self._dispatch(msgs, plan)
 
     def _send(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         self.queries += 1
@@ -462,7 +510,8 @@ class ClientConnection(asyncio.Protocol):
     # first. While the client waits for a connection, or for its server to finish before the
     # proxy answers something itself, later messages wait in `backlog`.
 
-    def _dispatch(self, msgs: list[tuple[int, bytes]]) -> None:
+    def _dispatch(self, msgs: list[tuple[int, bytes]], plan: Plan | None = None) -> None:
+        """`plan`: the first message's, when the caller has made it already."""
         if self.waiting:
             self.backlog.extend(msgs)
             return
@@ -472,7 +521,7 @@ class ClientConnection(asyncio.Protocol):
                     self.skip_to_sync = False
                     self.write(m.ready_for_query(self._status()))
                 continue
-            if not self._dispatch_one(kind, body) or self.retry:
+            if not self._dispatch_one(kind, body, plan if i == 0 else None) or self.retry:
                 # Not taken yet: it goes again once the wait is over.
                 self.retry = False
                 self.backlog[:0] = msgs[i:]
@@ -497,10 +546,13 @@ class ClientConnection(asyncio.Protocol):
                             key=self.key_local or self.key_session,
                             lookups=self.proxy.directory.caches)
 
-    def _dispatch_one(self, kind: int, body: bytes) -> bool:
+    def _dispatch_one(self, kind: int, body: bytes, plan: Plan | None = None) -> bool:
         """Handle one message; False if it must wait for the server to finish first."""
         router = self.proxy.router
         server = self.server
+        if plan is not None:  # a Query or Bind already planned by _route_unit
+            self._execute(plan, (kind, body), ends_unit=kind == _Q)
+            return True
         if kind == _Q:
             sql = body[:-1]
             local = self._local_query(sql)
@@ -887,6 +939,8 @@ class Proxy:
         self.routing = smap.sharded  # False: everything goes to the default shard, unrouted
         old_directory = getattr(self, "directory", None)
         self.directory = Directory(config.catalog, smap)
+        # The context of a session that named no shard or key (see RouteContext).
+        self.no_context = RouteContext(shard=None, key=None, lookups=self.directory.caches)
         if old_directory is not None:
             asyncio.get_running_loop().create_task(old_directory.close())
         for shard in config.shards.values():

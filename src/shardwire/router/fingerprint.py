@@ -40,7 +40,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["LITERAL_BASE", "Literal", "fingerprint"]
+__all__ = ["LITERAL_BASE", "FingerprintCache", "Literal", "fingerprint"]
 
 LITERAL_BASE = 10000
 
@@ -122,6 +122,12 @@ def fingerprint(sql: bytes, *, standard_conforming_strings: bool = True
     Pass the session's standard_conforming_strings (PostgreSQL reports it): when off,
     backslashes escape in plain strings too, which changes where a string ends.
     """
+    return _scan(sql, standard_conforming_strings, None)
+
+
+def _scan(sql: bytes, standard_conforming_strings: bool, spans: list[tuple[int, int]] | None
+          ) -> tuple[bytes, tuple[Literal, ...]] | None:
+    """`fingerprint`; with `spans`, also where each literal is in `sql` (start, end)."""
     plain_string = _PLAIN_STRING if standard_conforming_strings else _ESCAPE_STRING
     search = _CANDIDATE.search
     size = len(sql)
@@ -292,6 +298,8 @@ def fingerprint(sql: bytes, *, standard_conforming_strings: bool = True
                 param_ends.append(out_len)
                 copied = end
                 literals.append(literal)
+                if spans is not None:
+                    spans.append((start, end))
         elif kind == _FIXED:
             if prev == _STRING:
                 return None  # B'0'<newline>'1' is one string too
@@ -503,3 +511,79 @@ def _unescape(body: bytes) -> bytes | None:
         return None
     out += body[last:]
     return bytes(out)
+
+
+# -- known shapes ----------------------------------------------------------------------------
+#
+# An application sends the same few statements with different values. Once a query has been
+# scanned, its text with each literal's place left open is a pattern: a later query that
+# matches it exactly has the same normalised text, and its literals are the pattern's groups.
+# The fixed text around the literals is the same, so the scanner would decide the same way;
+# only plain numbers and plain quoted strings become open places (other literals: no pattern).
+
+_NUMBER_SLOT = rb"((?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?)"
+_STRING_SLOT = rb"'((?:[^']|'')*)'"
+# Where a query's first literal may start; the text before the first such byte names the
+# patterns to try (the fixed text before it is the same for every query of one shape).
+_FIRST = re.compile(rb"[0-9.']")
+_SHAPES_PER_KEY = 8
+
+
+class FingerprintCache:
+    """`fingerprint` with a memory of the shapes it has seen (standard_conforming_strings on).
+    Gives exactly what `fingerprint` gives; a query of a known shape costs one regex match
+    instead of a scan."""
+
+    __slots__ = ("_shapes", "_limit")
+
+    def __init__(self, limit: int = 2000) -> None:
+        # Text before the first candidate byte -> the shapes starting so: (pattern, normalised,
+        # which groups are strings).
+        self._shapes: dict[bytes, list[tuple[re.Pattern[bytes], bytes, tuple[bool, ...]]]] = {}
+        self._limit = limit
+
+    def __call__(self, sql: bytes) -> tuple[bytes, tuple[Literal, ...]] | None:
+        first = _FIRST.search(sql)
+        key = sql if first is None else sql[:first.start()]
+        shapes = self._shapes.get(key)
+        if shapes is not None:
+            for pattern, normalised, strings in shapes:
+                found = pattern.fullmatch(sql)
+                if found is None:
+                    continue
+                literals = []
+                for text, is_string in zip(found.groups(), strings, strict=True):
+                    if is_string:
+                        value = _string_value(b"'" + text + b"'", True)
+                        if value is None:
+                            return None  # as the scan would (a NUL, bad UTF-8)
+                        literals.append(Literal(value, True))
+                    else:
+                        literals.append(Literal(text.decode("ascii"), False))
+                return normalised, tuple(literals)
+        spans: list[tuple[int, int]] = []
+        printed = _scan(sql, True, spans)
+        if printed is not None:
+            self._learn(key, sql, printed, spans)
+        return printed
+
+    def _learn(self, key: bytes, sql: bytes, printed: tuple[bytes, tuple[Literal, ...]],
+               spans: list[tuple[int, int]]) -> None:
+        pieces = []
+        last = 0
+        strings = []
+        for start, end in spans:
+            is_string = sql[start] == 0x27
+            if not is_string and sql[start] not in b"0123456789.":
+                return  # E'', $$..$$: read by the scan every time
+            pieces.append(re.escape(sql[last:start]))
+            pieces.append(_STRING_SLOT if is_string else _NUMBER_SLOT)
+            strings.append(is_string)
+            last = end
+        pieces.append(re.escape(sql[last:]))
+        if len(self._shapes) >= self._limit:
+            self._shapes.clear()
+        shapes = self._shapes.setdefault(key, [])
+        if len(shapes) >= _SHAPES_PER_KEY:
+            del shapes[0]  # IN lists of every length, say: keep the recent ones
+        shapes.append((re.compile(b"".join(pieces), re.S), printed[0], tuple(strings)))
