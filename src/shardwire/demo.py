@@ -9,10 +9,11 @@ Everything lives in one directory (``.demo`` by default)::
     DIR/demo.lock                held while a demo runs, so two cannot share the servers
 
 Every shard has the database ``demo`` with the sample shop's tables and ``shardwire_next_id()``
-(global ids, ``shardwire.ids``); shard1, the default shard, also holds the catalog database.
-The config's shard map spreads tenants, product categories and quarters of events over the
-shards, and the demo loads each row straight onto the shard the map gives it (the proxy
-itself refuses writes to several shards until distributed transactions exist).
+(global ids, ``shardwire.ids``); shard1, the default shard, also holds the catalog database,
+with the directory of the lookup rule for users. The config's shard map spreads tenants,
+product categories, quarters of events and users over the shards, and the demo loads each row
+straight onto the shard the map (for users, the directory it fills) gives it (the proxy itself
+refuses writes to several shards until distributed transactions exist).
 
 Only the ready line goes to stdout; progress and errors go to stderr. SIGINT or SIGTERM, at
 any point, stops the proxy and every server the demo started.
@@ -70,16 +71,17 @@ _CONFIG_HEADER = """\
 # The sample shop. Tenants (the shops) own their customers, orders and order items, all under
 # the tenant rule, so a shop's rows are on one shard and joins on tenant_id stay there.
 # Products are placed by category and events by time (a quarter of 2026 per range); countries
-# is reference data, copied to every shard; users (the shops' staff accounts) is unsharded for
-# now, on the default shard. Every table exists on every shard, each shard holding some of the
-# rows. Ids come from shardwire_next_id() (shardwire.ids), which no two shards repeat. No
-# foreign keys: a product is on its category's shard, not with the orders that name it, and a
-# tenant's rows move between shards when they are rebalanced.
+# is reference data, copied to every shard; users (the shops' staff accounts) are placed one by
+# one by a lookup rule, whose directory in the catalog database names each user's shard. Every
+# table exists on every shard, each shard holding some of the rows. Ids come from
+# shardwire_next_id() (shardwire.ids), which no two shards repeat. No foreign keys: a product
+# is on its category's shard, not with the orders that name it, and a tenant's rows move
+# between shards when they are rebalanced.
 SAMPLE_TABLES = ("countries", "tenants", "customers", "products", "orders", "order_items",
                  "events", "users")
 # Part of the mark a loaded shard carries (a comment on its tenants table): a shard whose
 # mark differs (an older demo, another --shards) has everything loaded again.
-SAMPLE_VERSION = 2
+SAMPLE_VERSION = 3
 
 SCHEMA_SQL = """\
 CREATE TABLE countries (
@@ -138,14 +140,26 @@ CREATE TABLE events (
     payload      jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX ON events (occurred_at);
+-- The key of the lookup rule: an INSERT through the proxy must give it (SELECT
+-- shardwire_next_id() first), so that the directory can place the user before the row exists.
 CREATE TABLE users (
     user_id      bigint PRIMARY KEY DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
-    email        text NOT NULL UNIQUE,
+    email        text NOT NULL UNIQUE,         -- unique on each shard, not checked across them
     name         text NOT NULL,
     role         text NOT NULL
 );
 """
+
+# The directory of the users' lookup rule, in the catalog database: the table that
+# proxy.directory.Directory creates on first use (for an integer key). The demo creates it
+# itself so that it can fill it before the proxy starts.
+DIRECTORY_SQL = """\
+CREATE TABLE {table} (
+    key          bigint PRIMARY KEY,
+    shard        text NOT NULL,
+    created_at   timestamptz NOT NULL DEFAULT now()
+);"""
 
 COUNTRIES = (
     ("BR", "Brazil", "BRL"), ("CA", "Canada", "CAD"), ("DE", "Germany", "EUR"),
@@ -178,6 +192,7 @@ _FIRST_NAMES = ("Ada", "Bruno", "Chen", "Dana", "Emil", "Farah", "Goro", "Hana",
 _LAST_NAMES = ("Alves", "Berg", "Costa", "Dubois", "Evans", "Fischer", "Garcia", "Haddad", "Ito",
                "Jensen")
 _PRODUCT_WORDS = ("Classic", "Deluxe", "Mini", "Eco", "Pocket", "Grand", "Smart", "Vintage")
+USER_ROLES = ("owner", "staff")  # each tenant's staff accounts
 _STATUSES = ("paid", "shipped", "delivered", "delivered", "cancelled")
 _EVENT_KINDS = ("page_view", "page_view", "signup", "add_to_cart", "checkout", "refund")
 
@@ -215,8 +230,8 @@ def _run(base: Path, port: int, shards: int) -> None:
     try:
         _bring_up(base, clusters)
         config = _write_config(base, port, clusters)
-        _load_sample_data(clusters, config)
-        _serve(config)
+        user_id = _load_sample_data(clusters, config)
+        _serve(config, user_id)
     finally:
         _stop(clusters)
 
@@ -287,38 +302,58 @@ def _describe_error(error: BaseException) -> str:
 # --- sample data ----------------------------------------------------------------------------
 
 
-def _load_sample_data(clusters: list[PostgresCluster], config: Config) -> None:
-    """Create the schema and shardwire_next_id() on every shard and put each sample row on the
-    shard the config's map names; a later start finds the data there and leaves it alone."""
+def _load_sample_data(clusters: list[PostgresCluster], config: Config) -> int | None:
+    """Create the schema and shardwire_next_id() on every shard, put each sample row on the
+    shard the config's map names and fill the users' directory in the catalog database; a later
+    start finds the data there and leaves it alone. Returns a user's id for the sample query
+    (None if the directory is empty)."""
     numbers = shard_numbers(config)
+    catalog = clusters[0]  # the config's catalog is CATALOG_DATABASE there
+    directory = config.sharding.rules["by_user"].directory
     mark = f"shardwire demo sample data v{SAMPLE_VERSION} for {len(clusters)} shards"
+    first_user = f"SELECT min(key) FROM {directory}"
     try:
         marks = [c.sql("SELECT obj_description(to_regclass('public.tenants'), 'pg_class')",
                        DEMO_DATABASE) for c in clusters]
+        marks.append(catalog.sql(f"SELECT obj_description(to_regclass({_literal(directory)}), "
+                                 "'pg_class')", CATALOG_DATABASE))
         if all(m == mark for m in marks):
             # Still (re)install the function: cheap, and it repairs a dropped one.
             for c in clusters:
                 c.sql(install_sql(numbers[c.name]), DEMO_DATABASE)
-            _say(f"sample data already loaded (database {DEMO_DATABASE} on every shard)")
-            return
+            _say(f"sample data already loaded (database {DEMO_DATABASE} on every shard, the "
+                 f"users' directory in {CATALOG_DATABASE} on {catalog.name})")
+            return _int_or_none(catalog.sql(first_user, CATALOG_DATABASE))
         if any(marks):
             _say("the sample data there was loaded by another version of the demo or for "
                  "another number of shards: loading it again")
         _say(f"loading the sample shop data, each row onto its shard (database "
              f"{DEMO_DATABASE})...")
         shop = _SampleShop(config)
-        # Customers and products first: the ids the database gives them are needed by rows
-        # on other shards (events name customers, order items name products).
+        # Customers, products and users first: the ids the database gives them are needed by
+        # rows on other shards (events name customers, order items name products) and by the
+        # users' directory.
         ids: dict[str, int] = {}
         for c in clusters:
             out = c.sql(shop.first_script(c.name, numbers[c.name]), DEMO_DATABASE)
             for line in out.splitlines():
                 natural_key, _, row_id = line.rpartition("|")
                 ids[natural_key] = int(row_id)
+        # The proxy writes a new key's directory row before its data row; here the rows come
+        # first (each user's id is made on its shard), which is safe only because the proxy
+        # does not run yet. A load that fails leaves no mark, so the next start redoes it all.
+        _say(f"writing the users' directory ({directory} in database {CATALOG_DATABASE} on "
+             f"{catalog.name})...")
+        catalog.sql(shop.directory_script(ids, mark), CATALOG_DATABASE)
         for c in clusters:
             c.sql(shop.second_script(c.name, ids, mark), DEMO_DATABASE)
+        return _int_or_none(catalog.sql(first_user, CATALOG_DATABASE))
     except PsqlError as e:
         raise DemoError(f"could not load the sample data: {e}") from None
+
+
+def _int_or_none(text: str) -> int | None:
+    return int(text) if text else None  # psql prints NULL as nothing
 
 
 class _SampleShop:
@@ -326,13 +361,20 @@ class _SampleShop:
 
     def __init__(self, config: Config) -> None:
         rules = config.sharding.rules
-        self.default_shard = config.sharding.default_shard
         self.tenant_rule = rules["by_tenant"]
         self.category_rule = rules["by_category"]
         self.time_rule = rules["by_time"]
+        self.user_rule = rules["by_user"]
         self.products = [
             (t, CATEGORIES[(n + t) % len(CATEGORIES)], n) for t, *_ in TENANTS
             for n in range(1, PRODUCTS_PER_TENANT + 1)]
+        # (shard, (tenant_id, email, name, role)): users placed as the directory's least_loaded
+        # policy places new keys one by one (the shard with the fewest keys, the first listed
+        # on a tie), that is in turn over the rule's shards.
+        shards = self.user_rule.shards
+        users = [(t, f"{role}@{_slug(name)}.example", _person(t, n), role)
+                 for t, name, *_ in TENANTS for n, role in enumerate(USER_ROLES)]
+        self.users = [(shards[i % len(shards)], row) for i, row in enumerate(users)]
 
     def shard_of(self, rule: Rule, key: object) -> str:
         shard = rule.shard_for(key)
@@ -344,10 +386,9 @@ class _SampleShop:
         tables = ", ".join(SAMPLE_TABLES)
         parts = ["BEGIN;", f"DROP TABLE IF EXISTS {tables};", install_sql(number), SCHEMA_SQL,
                  _insert("countries", ("code", "name", "currency"), COUNTRIES)]
-        if shard == self.default_shard:
-            parts.append(_insert("users", ("tenant_id", "email", "name", "role"), [
-                (t, f"{role}@{_slug(name)}.example", _person(t, i), role)
-                for t, name, *_ in TENANTS for i, role in enumerate(("owner", "staff"))]))
+        users = [row for user_shard, row in self.users if user_shard == shard]
+        parts.append(_insert("users", ("tenant_id", "email", "name", "role"), users,
+                             returning="'user:' || email, user_id"))
         customers = [row for t, *_ in TENANTS if self.shard_of(self.tenant_rule, t) == shard
                      for row in _customers(t)]
         parts.append(_insert("customers", ("tenant_id", "name", "email", "country_code"),
@@ -359,6 +400,14 @@ class _SampleShop:
                              products, returning="'product:' || sku, product_id"))
         parts.append("COMMIT;")
         return "\n".join(p for p in parts if p)
+
+    def directory_script(self, ids: dict[str, int], mark: str) -> str:
+        """The users' directory, made anew: each user's id and the shard that holds the row."""
+        table = self.user_rule.directory
+        rows = [(ids[f"user:{email}"], shard) for shard, (_, email, *_) in self.users]
+        return "\n".join(["BEGIN;", f"DROP TABLE IF EXISTS {table};",
+                          DIRECTORY_SQL.format(table=table), _insert(table, ("key", "shard"), rows),
+                          f"COMMENT ON TABLE {table} IS {_literal(mark)};", "COMMIT;"])
 
     def second_script(self, shard: str, ids: dict[str, int], mark: str) -> str:
         tenants = [row for row in TENANTS if self.shard_of(self.tenant_rule, row[0]) == shard]
@@ -549,15 +598,23 @@ sharding:
       tables: [events]
       ranges:
 {range_lines}
+    # Users (the shops' staff accounts) one by one: a directory, the table
+    # shardwire_directory_by_user in the catalog database, names each user's shard. Keyed by
+    # user_id, not email: the id is what an application keeps in its session and what other
+    # tables name, and it never changes (an email does, and a row cannot change its key
+    # without moving). A user_id not in the directory gets a shard at its first INSERT.
+    by_user:
+      kind: lookup
+      column: user_id
+      type: integer
+      tables: [users]
+      new_keys: least_loaded  # the shard with the fewest users
   # A full copy on every shard: reads go to any one, writes to all of them.
   reference: [countries]
-  # users is in no rule, so it is unsharded and lives on the default shard ({shards[0]}) only.
-  # It is meant to be lookup-sharded (user_id -> shard in a directory in the catalog
-  # database); the demo does not do that yet.
 """
 
 
-def _serve(config: Config) -> None:
+def _serve(config: Config, user_id: int | None) -> None:
     from .proxy.server import Proxy, install_uvloop, run
 
     def ready(proxy: Proxy) -> None:
@@ -565,6 +622,9 @@ def _serve(config: Config) -> None:
         print(f"shardwire demo ready: psql postgresql://{address}/{config.database}  "
               f"(admin console: psql postgresql://{address}/{config.admin_database})",
               flush=True)
+        if user_id is not None:
+            _say(f"try: SELECT name, role FROM users WHERE user_id = {user_id};  "
+                 "(more sample queries in README.md)")
         _say("Ctrl-C stops the proxy and the PostgreSQL servers.")
 
     install_uvloop()

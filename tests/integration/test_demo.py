@@ -105,6 +105,7 @@ TENANT_TABLES = ("tenants", "customers", "orders", "order_items")
 GENERATED_IDS = {"customers": "customer_id", "products": "product_id", "orders": "order_id",
                  "events": "event_id", "users": "user_id"}
 Q3 = "occurred_at >= '2026-07-01' AND occurred_at < '2026-10-01'"
+NEW_USER = (2, "clerk@bluebird-games.example", "Nina Berg", "staff")  # inserted through the proxy
 
 
 class DemoShards:
@@ -116,6 +117,10 @@ class DemoShards:
         self.dsns = {name: PostgresCluster(data_dir / name, name=name).dsn("demo")
                      for name in self.names}
         self.rules = self.config.sharding.rules
+        catalog = self.config.catalog
+        assert catalog is not None
+        self.catalog_dsn = f"postgresql://{catalog.user}@{catalog.host}:{catalog.port}/" \
+                           f"{catalog.database}"
 
     def query(self, shard: str, sql: str, params: Sequence[object] = ()) -> list[tuple[Any, ...]]:
         with psycopg.connect(self.dsns[shard], connect_timeout=10) as conn:
@@ -128,6 +133,16 @@ class DemoShards:
         shard = self.rules["by_tenant"].shard_for(tenant)
         assert shard is not None
         return shard
+
+    def directory(self) -> dict[int, str]:
+        """The users' directory in the catalog database: user_id -> shard."""
+        with psycopg.connect(self.catalog_dsn, connect_timeout=10) as conn:
+            rows = conn.execute(
+                f"SELECT key, shard FROM {self.rules['by_user'].directory}").fetchall()
+        return dict(rows)
+
+    def users(self, shard: str) -> set[int]:
+        return {user_id for (user_id,) in self.query(shard, "SELECT user_id FROM users")}
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows of each table on each shard."""
@@ -144,6 +159,7 @@ class DemoShards:
 def assert_rows_where_the_map_says(demo: DemoShards) -> None:
     """Read through each shard's own connection: every row is on the shard its key maps to."""
     rules = demo.rules
+    directory = demo.directory()
     totals = dict.fromkeys(SAMPLE_TABLES, 0)
     tenants_with_orders = set()
     for number, shard in enumerate(demo.names):
@@ -155,8 +171,10 @@ def assert_rows_where_the_map_says(demo: DemoShards) -> None:
             assert rules["by_category"].shard_for(category) == shard, (category, shard)
         for (at,) in demo.query(shard, "SELECT occurred_at FROM events"):
             assert rules["by_time"].shard_for(at) == shard, (at, shard)
-        if shard != demo.config.default_shard:
-            assert demo.count(shard, "SELECT count(*) FROM users") == 0
+        # Users are where the directory says, and every user in it is on its shard.
+        on_shard = demo.users(shard)
+        assert on_shard == {u for u, s in directory.items() if s == shard}, shard
+        assert on_shard, f"no users on {shard}"
         assert demo.query(shard, "SELECT code FROM countries ORDER BY code") == \
             demo.query(demo.names[0], "SELECT code FROM countries ORDER BY code")
         # Ids made on a shard carry its number.
@@ -187,14 +205,26 @@ def assert_keyed_queries_work(url: str, demo: DemoShards) -> None:
     ] + [
         ("SELECT count(*) FROM products WHERE category = %s", ("games",), games_shard),
         (f"SELECT count(*) FROM events WHERE {Q3}", (), q3_shard),
-        ("SELECT count(*) FROM users", (), demo.config.default_shard),
         ("SELECT count(*) FROM countries", (), demo.names[-1]),
     ]
+    # One user of each shard, looked up by user_id: the directory's shard answers.
+    directory = demo.directory()
+    users = {shard: min(u for u, s in directory.items() if s == shard) for shard in demo.names}
+    user_sql = "SELECT user_id, tenant_id, email, name, role FROM users WHERE user_id = %s"
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         for sql, params, shard in cases:
             through_proxy = conn.execute(sql, params).fetchone()
             assert through_proxy is not None
             assert through_proxy[0] == demo.count(shard, sql, params) > 0, sql
+        for shard, user_id in users.items():
+            found = conn.execute(user_sql, (user_id,)).fetchall()
+            assert len(found) == 1 and found == demo.query(shard, user_sql, (user_id,)), shard
+            # The lookup above put the key in the proxy's cache: the route names the shard.
+            route = conn.execute(f"SHOW ROUTE FOR SELECT * FROM users WHERE user_id = {user_id}"
+                                 ).fetchone()
+            assert route is not None and route[:2] == ("single", shard), route
+        # A user_id that no directory row names has no rows anywhere.
+        assert conn.execute(user_sql, (1,)).fetchall() == []
         # Joins on the key, and with a reference table, run on the key's shard.
         row = conn.execute(
             "SELECT t.name, c.currency, count(o.order_id) FROM tenants t"
@@ -214,6 +244,11 @@ def assert_key_less_queries_refused(url: str) -> None:
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         for sql in ("SELECT count(*) FROM orders",  # tenant rule: every shard
                     "SELECT count(*) FROM events",  # range rule: every shard
+                    "SELECT count(*) FROM users",  # lookup rule without a key: every shard
+                    # users' ids default to shardwire_next_id() on the shard, but the
+                    # directory must place a new user before the row exists
+                    "INSERT INTO users (tenant_id, email, name, role)"
+                    " VALUES (1, 'x@acme-books.example', 'X', 'staff')",
                     "UPDATE orders SET status = 'paid' WHERE status = 'unpaid'"):
             with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
                 conn.execute(sql)
@@ -251,6 +286,31 @@ def insert_through_proxy(url: str, demo: DemoShards) -> None:
     assert demo.count(q3_shard, "SELECT count(*) FROM events WHERE event_id = %s",
                       (event[0],)) == 1
     assert decode_id(event[0]).shard_number == demo.names.index(q3_shard)
+
+
+def insert_user_through_proxy(url: str, demo: DemoShards) -> None:
+    """A new user through the proxy: the directory places the new user_id (on the shard with
+    the fewest users) before the row goes there, and a lookup finds it."""
+    rule = demo.rules["by_user"]
+    before = demo.directory()
+    loads = list(before.values())
+    emptiest = min(rule.shards, key=lambda s: (loads.count(s), rule.shards.index(s)))
+    with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+        made = conn.execute("SELECT shardwire_next_id()").fetchone()
+        assert made is not None
+        user_id = made[0]
+        assert user_id not in before
+        row = conn.execute(
+            "INSERT INTO users (user_id, tenant_id, email, name, role)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING user_id", (user_id, *NEW_USER)).fetchone()
+        assert row == (user_id,)
+        found = conn.execute("SELECT tenant_id, email, name, role FROM users WHERE user_id = %s",
+                             (user_id,)).fetchall()
+        assert found == [NEW_USER]
+    after = demo.directory()
+    assert after == {**before, user_id: emptiest}
+    for name in demo.names:
+        assert (user_id in demo.users(name)) == (name == emptiest), name
 
 
 def within(seconds: float, check: Callable[..., None], *args: object) -> None:
@@ -307,7 +367,8 @@ def test_demo_starts_serves_stops_and_restarts(demo_dir: Path, tmp_path: Path) -
         within(ANSWER_TIMEOUT, assert_keyed_queries_work, app_url, demo)
         within(ANSWER_TIMEOUT, assert_key_less_queries_refused, app_url)
         within(ANSWER_TIMEOUT, insert_through_proxy, app_url, demo)
-        counts, ids = demo.counts(), demo.ids()
+        within(ANSWER_TIMEOUT, insert_user_through_proxy, app_url, demo)
+        counts, ids, directory = demo.counts(), demo.ids(), demo.directory()
         assert first.interrupt() == 0
     finally:
         first.kill()
@@ -327,6 +388,7 @@ def test_demo_starts_serves_stops_and_restarts(demo_dir: Path, tmp_path: Path) -
         assert (demo_dir / "shardwire.yaml").read_text() == config
         assert demo.counts() == counts
         assert demo.ids() == ids
+        assert demo.directory() == directory
         within(ANSWER_TIMEOUT, assert_keyed_queries_work, app_url, demo)
         assert len(show_shards(admin_url)) == SHARDS
         assert second.interrupt() == 0
