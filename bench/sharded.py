@@ -7,8 +7,8 @@ Setups:
 - sharded: two servers; pgbench_accounts range-sharded on aid (aid < 500001 on s1, the rest on
   s2), pgbench_branches and pgbench_tellers reference tables (a full copy on both),
   pgbench_history unsharded (on the default shard, s1). Each shard is filled directly with
-  ``pgbench -i`` and then loses the accounts it does not own (the proxy refuses DDL on
-  several shards), then ``VACUUM FULL ANALYZE``.
+  ``pgbench -i`` (faster than loading through the proxy) and then loses the accounts it does
+  not own, then ``VACUUM FULL ANALYZE``.
 
 Usage: ``.venv/bin/python bench/sharded.py``. Environment: BENCH_SECONDS (length of one
 pgbench run, default 10), BENCH_ROUNDS (default 3), BENCH_KEEP=1 to keep the work directory.

@@ -2,7 +2,7 @@
 shard through direct connections.
 
 One proxy serves the whole module with the shard map below; its tables are created directly
-on every shard (the proxy refuses DDL that needs several shards) under names unique to this
+on every shard (test_ddl.py covers DDL through the proxy) under names unique to this
 run, emptied before each test and dropped at the end. Most tests plant *poison rows*: rows
 with the tested key on shards that do not own it (TESTING idea 2). A statement routed to the
 wrong shard sees or changes them; a correct one never does.

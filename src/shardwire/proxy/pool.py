@@ -17,6 +17,7 @@ from .protocol.errors import PgError
 from .protocol.relay import BackendProtocolError, ServerLink
 
 if TYPE_CHECKING:
+    from .scatter import ShardCall
     from .server import ClientConnection
 
 log = logging.getLogger("shardwire.pool")
@@ -41,6 +42,8 @@ class ServerConnection(asyncio.Protocol):
         self.last_used = self.created
         # Called when the server becomes idle while no client holds it (resets, login setup).
         self.on_idle: Callable[[], None] | None = None
+        # Reads the server's replies instead of the relay, for multi-shard work (scatter.py).
+        self.sink: ShardCall | None = None
         self.tls_wanted = False
         self._tls_answer: asyncio.Future[bytes] | None = None
 
@@ -50,6 +53,9 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.data(self, data)
+            return
         if self.client is not None:
             try:
                 out = self.link.feed(data)
@@ -95,6 +101,8 @@ class ServerConnection(asyncio.Protocol):
         if self._tls_answer is not None and not self._tls_answer.done():
             self._tls_answer.set_result(b"")
         self.pool.forget(self)
+        if self.sink is not None:
+            self.sink.connection_lost(self)
         if self.client is not None:
             client, self.client = self.client, None
             client.server_lost(self)

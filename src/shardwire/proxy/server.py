@@ -13,7 +13,8 @@ import signal
 import ssl
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from .. import __version__
 from ..config.load import load_config
@@ -37,6 +38,7 @@ from ..router.plan import (
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
 from .directory import Directory
+from .fanout import Broadcast, show
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -122,7 +124,12 @@ class ClientConnection(asyncio.Protocol):
         self.shard_local: str | None = None  # SET LOCAL shardwire.shard
         self.key_session: str | None = None
         self.key_local: str | None = None
-        self.analyses: dict[bytes, tuple[tuple[Analysis, ...], tuple[int, ...]]] = {}
+        # Prepared statements: name -> (analyses, parameter types, text).
+        self.analyses: dict[bytes, tuple[tuple[Analysis, ...], tuple[int, ...], bytes]] = {}
+        self.scatter: Any = None  # a ScatterRead running on several shards
+        # A statement for several shards, waiting for the rest of its unit (up to Sync).
+        self.multi_unit: list[tuple[int, bytes]] | None = None
+        self.multi_start: Callable[[list[tuple[int, bytes]]], Awaitable[None]] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -162,6 +169,8 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.scatter is not None:
+            self.scatter.cancel()
         self.proxy.clients.discard(self)
         self.proxy.clients_by_pid.pop(self.pid, None)
         self._let_go_of_server()
@@ -170,10 +179,14 @@ class ClientConnection(asyncio.Protocol):
         # The client reads slower than its server answers: stop reading from the server.
         if self.server is not None and self.server.transport is not None:
             self.server.transport.pause_reading()
+        if self.scatter is not None:
+            self.scatter.pause()
 
     def resume_writing(self) -> None:
         if self.server is not None and self.server.transport is not None:
             self.server.transport.resume_reading()
+        if self.scatter is not None:
+            self.scatter.resume()
 
     # -- login ------------------------------------------------------------------------------
 
@@ -550,6 +563,12 @@ class ClientConnection(asyncio.Protocol):
         """Handle one message; False if it must wait for the server to finish first."""
         router = self.proxy.router
         server = self.server
+        if self.multi_unit is not None:  # the rest of a multi-shard statement's unit
+            self.multi_unit.append((kind, body))
+            if kind == _S:
+                unit, self.multi_unit = self.multi_unit, None
+                self._run_multi(unit)
+            return True
         if plan is not None:  # a Query or Bind already planned by _route_unit
             self._execute(plan, (kind, body), ends_unit=kind == _Q)
             return True
@@ -572,8 +591,8 @@ class ClientConnection(asyncio.Protocol):
         if kind == _P:
             name_end = body.index(0)
             sql_end = body.index(0, name_end + 1)
-            analyses = router.prepared(body[name_end + 1:sql_end])
-            self.analyses[body[:name_end]] = (analyses, parse_param_types(body))
+            sql = body[name_end + 1:sql_end]
+            self.analyses[body[:name_end]] = (router.prepared(sql), parse_param_types(body), sql)
             self._forward((kind, body))
             return True
         if kind == ord("B"):
@@ -659,20 +678,8 @@ class ClientConnection(asyncio.Protocol):
             case Refusal(sqlstate=code, message=text, hint=hint):
                 self._refuse(PgError(code, text, hint), msg, ends_unit=ends_unit)
                 return
-            case MultiShard(shards=shards, write=True):
-                self._refuse(PgError(
-                    "0A000", f"the statement writes on several shards ({', '.join(shards)}); "
-                    "writes across shards need distributed transactions, which this version "
-                    "of Shardwire does not run yet",
-                    hint="write the rows of one shard per statement (one key, or keys of one "
-                    "shard)"), msg, ends_unit=ends_unit)
-                return
-            case MultiShard(shards=shards):
-                self._refuse(PgError(
-                    "0A000", f"the query needs rows from several shards ({', '.join(shards)}); "
-                    "this version of Shardwire does not merge results across shards yet",
-                    hint="add a condition on the sharding key that selects one shard, or "
-                    "name a shard with a /* shard: name */ comment"), msg, ends_unit=ends_unit)
+            case MultiShard():
+                self._multi(plan, msg, ends_unit=ends_unit)
                 return
             case NeedLookup(rule=rule, keys=keys, assign=assign):
                 # Read (or write) the directory, then route the message again.
@@ -714,6 +721,93 @@ class ClientConnection(asyncio.Protocol):
                 "supported by this version of Shardwire",
                 hint="keep each transaction on the keys of one shard"), msg,
                 ends_unit=ends_unit)
+
+    def _multi(self, plan: MultiShard, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
+        """A statement for several shards: checked here, then run (by a Broadcast or a
+        ScatterRead) once its unit, the Query or the Bind up to its Sync, is complete."""
+        server = self.server
+        if server is None and self.batch:
+            # Parse/Describe held back before this Bind: the default shard answers them first.
+            self._send_batch(self.proxy.config.default_shard, [], quiet=True)
+            server = self.server
+            if server is None:
+                self.retry = True  # waiting for a connection: the Bind comes again
+                self.queries -= 1
+                return
+        if server is not None and self.pinned is None and server.link.status == b"I" and (
+                not self.portal_open):
+            if server.link.open_batch_only:
+                server.write(server.link.end_batch_quietly())
+            self.waiting = self.retry = True  # once that connection is back in its pool
+            self.queries -= 1
+            return
+        shards = ", ".join(plan.shards)
+        if server is not None or self.begin_sql is not None:
+            self._refuse(PgError(
+                "0A000", f"the statement needs several shards ({shards}) inside a "
+                "transaction; this version of Shardwire runs statements across shards only "
+                "outside transactions", hint="run it outside the transaction block, or add a "
+                "condition on the sharding key that selects one shard"), msg,
+                ends_unit=ends_unit)
+            return
+        kind, body = msg
+        param_types: tuple[int, ...] = ()
+        if kind == _Q:
+            sql = body[:-1]
+        else:
+            _, statement, _ = read_bind(body)
+            _, param_types, sql = self.analyses[statement]
+        analyses = self.proxy.router.prepared(sql)
+        a = analyses[0]
+        if len(analyses) != 1:
+            self._refuse(PgError(
+                "0A000", f"a query string with several statements needs several shards "
+                f"({shards}); Shardwire runs statements across shards one at a time",
+                hint="send the statements one by one"), msg, ends_unit=ends_unit)
+            return
+        if a.kind in (Kind.DDL, Kind.MAINTENANCE):
+            def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                return Broadcast(self, plan.shards, sql, unit, param_types=param_types).run()
+        elif plan.write:
+            self._refuse(PgError(
+                "0A000", f"the statement writes on several shards ({shards}); writes across "
+                "shards need distributed transactions, which this version of Shardwire does "
+                "not run yet", hint="write the rows of one shard per statement (one key, or "
+                "keys of one shard)"), msg, ends_unit=ends_unit)
+            return
+        else:
+            self._refuse(PgError(
+                "0A000", f"the query needs rows from several shards ({shards}); this "
+                "version of Shardwire does not merge results across shards yet",
+                hint="add a condition on the sharding key that selects one shard, or name a "
+                "shard with a /* shard: name */ comment"), msg, ends_unit=ends_unit)
+            return
+        self.multi_start = start
+        if ends_unit:
+            self._run_multi([msg])
+        else:
+            self.multi_unit = [msg]
+
+    def _run_multi(self, unit: list[tuple[int, bytes]]) -> None:
+        start, self.multi_start = self.multi_start, None
+        assert start is not None
+        self.waiting = True
+        self.state = "active"
+
+        async def run() -> None:
+            try:
+                await start(unit)
+            except Exception:
+                log.exception("statement on several shards failed")
+                self.write(m.error_response(PgError(
+                    "XX000", "internal error in a statement on several shards"))
+                    + m.ready_for_query(b"I"))
+            finally:
+                self.state = "idle"
+                if not self.closed:
+                    self._resume()
+
+        asyncio.get_running_loop().create_task(run())
 
     async def _lookup(self, rule: str, keys: tuple[object, ...], assign: bool,
                       ends_unit: bool) -> None:
@@ -929,6 +1023,7 @@ class Proxy:
         self._server: asyncio.AbstractServer | None = None
         self._next_pid = 1
         self._maintenance: asyncio.Task[None] | None = None
+        self._collation: str | None = None
         self._apply_config(config)
 
     def _apply_config(self, config: Config) -> None:
@@ -1036,12 +1131,22 @@ class Proxy:
                 client.secret.to_bytes(4, "big"), secret.to_bytes(4, "big", signed=True)):
             log.info("cancel request for unknown key %s ignored", pid)
             return
+        if client.scatter is not None:
+            client.scatter.cancel()
+            return
         server = client.server
         if server is None:
             return  # nothing running
         asyncio.get_running_loop().create_task(
             send_cancel(server.pool.address.host, server.pool.address.port,
                         server.pid, server.secret))
+
+    async def collation(self, conn: ServerConnection) -> str:
+        """The database's collation (lc_collate), which orders text in merged results; read
+        once from a shard."""
+        if self._collation is None:
+            self._collation = await show(conn, "lc_collate")
+        return self._collation
 
     async def login_parameters(self, pool: Pool, settings: dict[str, str]) -> dict[str, str]:
         """The ParameterStatus values a client with these settings should see at login.

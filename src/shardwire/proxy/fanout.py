@@ -1,0 +1,346 @@
+"""Running one statement on several shards at once: the plumbing (`ShardCall`: a connection
+whose replies the proxy reads itself) and statements that change every shard (`Broadcast`).
+
+A connection taken for this work leaves the ordinary relay: the proxy reads the server's
+messages (the connection's `sink`) instead of streaming them to a client, and gives the
+connection back to its pool once the server is ready again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import struct
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from .pool import Pool, ServerConnection
+from .protocol import messages as m
+from .protocol.errors import PgError
+from .protocol.framing import FrameError, MessageReader
+
+if TYPE_CHECKING:
+    from .server import ClientConnection
+
+log = logging.getLogger("shardwire.fanout")
+
+_I16 = struct.Struct("!h")
+_I32 = struct.Struct("!i")
+_LEN = struct.Struct("!I")
+MAX_SERVER_MESSAGE = 1024 * 1024 * 1024
+BACKEND_TYPES = frozenset(b"123nstDCEINSZAGHWdcTKRV")
+
+
+class ShardFailure(Exception):
+    """A shard could not run its part: the error the client gets."""
+
+    def __init__(self, error: PgError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+async def take_connections(pools: Sequence[Pool]) -> list[ServerConnection]:
+    """One connection from each pool, taken in the order given (callers sort by shard name, so
+    that two multi-shard statements never each hold what the other waits for)."""
+    conns: list[ServerConnection] = []
+    try:
+        for pool in pools:
+            conn = pool.try_acquire()
+            if conn is None:
+                conn = await pool.acquire()
+            conns.append(conn)
+    except BaseException:
+        for conn in conns:
+            conn.pool.release(conn)
+        raise
+    return conns
+
+
+async def apply_settings(conn: ServerConnection, settings: dict[str, str]) -> None:
+    """Give `conn` the client's settings (TimeZone, DateStyle...) before it runs its part."""
+    query = conn.link.settings_query(settings)
+    if not query:
+        return
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def ready() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    conn.on_idle = ready
+    conn.write(query)
+    await done
+    if conn.closed:
+        raise ShardFailure(PgError("08006", f"lost the connection to shard {conn.pool.shard}"))
+
+
+def shard_error(shard: str, payload: bytes) -> PgError:
+    """A shard's ErrorResponse as the client's error: the shard named in the message."""
+    fields = m.parse_error_fields(payload)
+    return PgError(fields.get("C", "XX000"), f"{shard}: {fields.get('M', 'error')}",
+                   fields.get("H"), fields.get("D"))
+
+
+class ShardCall:
+    """One connection's part: the messages sent, the replies read back (as a sink)."""
+
+    __slots__ = ("index", "conn", "reader", "on_messages", "ready", "lost", "error", "cancelled")
+
+    def __init__(self, index: int, conn: ServerConnection,
+                 on_messages: Callable[[ShardCall, list[tuple[int, bytes]]], None]) -> None:
+        self.index = index
+        self.conn = conn
+        self.reader = MessageReader(MAX_SERVER_MESSAGE, BACKEND_TYPES)
+        self.on_messages = on_messages
+        self.ready = False  # ReadyForQuery seen: the connection may go back
+        self.lost = False
+        self.error: PgError | None = None
+        self.cancelled = False  # a cancel request went to its server
+
+    @property
+    def shard(self) -> str:
+        return self.conn.pool.shard
+
+    # -- the connection's sink ---------------------------------------------------------------
+
+    def data(self, conn: ServerConnection, data: bytes) -> None:
+        try:
+            msgs = self.reader.feed(data)
+        except FrameError as e:
+            conn.abort(f"protocol error from server: {e.message}")
+            self.connection_lost(conn)
+            return
+        if msgs:
+            self.on_messages(self, msgs)
+
+    def connection_lost(self, conn: ServerConnection) -> None:
+        if self.lost:
+            return
+        self.lost = True
+        self.error = self.error or PgError(
+            "08006", f"lost the connection to shard {self.shard}",
+            hint="the server closed the connection or crashed; retry")
+        self.on_messages(self, [])
+
+    def cancel(self) -> None:
+        if self.ready or self.lost or self.cancelled:
+            return
+        self.cancelled = True
+        from .server import send_cancel  # the client's cancel path, reused
+        address = self.conn.pool.address
+        asyncio.get_running_loop().create_task(
+            send_cancel(address.host, address.port, self.conn.pid, self.conn.secret))
+
+    def give_back(self) -> None:
+        conn = self.conn
+        if conn.sink is self:
+            conn.sink = None
+        if self.lost or conn.closed:
+            return
+        if not self.ready:
+            conn.abort("abandoned in the middle of a multi-shard statement")
+        elif self.cancelled:
+            # The cancel request may reach the server after this statement ended, and would
+            # then cancel whatever the connection runs next: it is not used again.
+            conn.close()
+        else:
+            conn.pool.release(conn)
+
+
+def bind_parts(body: bytes) -> tuple[bytes, tuple[int, ...], tuple[bytes | None, ...]]:
+    """The parameter part of a Bind body (formats, values: to copy as is), its result format
+    codes, and the parameter values."""
+    p = body.index(0)
+    s = body.index(0, p + 1)
+    start = pos = s + 1
+    (nformats,) = _I16.unpack_from(body, pos)
+    pos += 2 + 2 * max(nformats, 0)
+    (nvalues,) = _I16.unpack_from(body, pos)
+    pos += 2
+    values: list[bytes | None] = []
+    for _ in range(max(nvalues, 0)):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos:pos + length])
+            pos += length
+    params = body[start:pos]
+    (nresults,) = _I16.unpack_from(body, pos)
+    results = struct.unpack_from(f"!{nresults}h", body, pos + 2) if nresults > 0 else ()
+    return params, tuple(results), tuple(values)
+
+
+async def show(conn: ServerConnection, name: str) -> str:
+    """A server setting's value (SHOW name), read on an idle connection."""
+    rows: list[bytes] = []
+    failure: list[PgError] = []
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def messages(call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
+        for kind, body in msgs:
+            if kind == 0x44:
+                rows.append(body)
+            elif kind == 0x45:
+                failure.append(shard_error(call.shard, body))
+            elif kind == 0x5A:
+                call.ready = True
+        if call.lost:
+            failure.append(call.error or PgError("08006", f"lost shard {call.shard}"))
+        if (call.ready or call.lost) and not done.done():
+            done.set_result(None)
+
+    call = ShardCall(0, conn, messages)
+    conn.sink = call
+    conn.write(m.query(f"SHOW {name}"))
+    try:
+        await done
+    finally:
+        conn.sink = None
+    if failure:
+        raise ShardFailure(failure[0])
+    if not rows:
+        raise ShardFailure(PgError("XX000", f"SHOW {name} returned no row"))
+    (length,) = _I32.unpack_from(rows[0], 2)
+    return rows[0][6:6 + length].decode("utf-8")
+
+
+
+# Statements PostgreSQL refuses inside a transaction block: sent to each shard on their own.
+_NO_TRANSACTION = re.compile(
+    rb"(?is)^\s*(vacuum|create\s+database|drop\s+database|alter\s+system|reindex\s+.*"
+    rb"\bconcurrently\b|(create|drop)\s+(unique\s+)?index\s+concurrently|cluster\s*;?\s*$)")
+_TAG_COUNT = re.compile(rb"^(INSERT 0|UPDATE|DELETE|SELECT|MERGE|COPY) (\d+)$")
+
+
+class Broadcast:
+    """One statement that changes every shard of the plan (DDL on sharded and reference
+    tables): all or nothing. Each shard runs it inside a transaction; only when every shard
+    succeeded do they all commit, else they all roll back. (The commit calls themselves are
+    not atomic together: a shard lost between the first and the last COMMIT keeps the old
+    state; docs/routing.md says so. Two-phase commit closes that gap.)
+
+    Statements PostgreSQL will not run in a transaction block (VACUUM, CREATE INDEX
+    CONCURRENTLY...) run on each shard on their own; a failure leaves them done on some
+    shards, exactly as with one server where they are not atomic either."""
+
+    def __init__(self, client: ClientConnection, shards: Sequence[str], sql: bytes,
+                 unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = (),
+                 same_rows: bool = False) -> None:
+        self.client = client
+        self.shards = sorted(shards)
+        self.sql = sql
+        self.unit = list(unit)
+        self.param_types = tuple(param_types)
+        self.same_rows = same_rows  # every shard holds the same rows (a reference table)
+        self.simple = self.unit[0][0] == ord("Q")
+        self.calls: list[ShardCall] = []
+        self.tags: dict[int, bytes] = {}
+        self.description: bytes | None = None
+        self.errors: list[PgError] = []
+        self.pending = 0  # ReadyForQuery messages still to come
+        self.phase_done: asyncio.Future[None] | None = None
+
+    async def run(self) -> None:
+        client = self.client
+        transactional = _NO_TRANSACTION.match(self.sql) is None
+        try:
+            request = self._request()
+        except PgError as e:
+            client.write(m.error_response(e) + m.ready_for_query(b"I"))
+            return
+        try:
+            conns = await take_connections([client.proxy.pool_for(s) for s in self.shards])
+        except PgError as e:
+            client.write(m.error_response(e) + m.ready_for_query(b"I"))
+            return
+        self.calls = [ShardCall(i, conn, self._messages) for i, conn in enumerate(conns)]
+        try:
+            for conn in conns:
+                await apply_settings(conn, client.settings)
+            begin = m.query("BEGIN") if transactional else b""
+            await self._phase(begin + request, 2 if transactional else 1)
+            if transactional:
+                ok = not self.errors
+                await self._phase(m.query("COMMIT" if ok else "ROLLBACK"), 1)
+        except ShardFailure as e:
+            self.errors.append(e.error)
+        finally:
+            for call in self.calls:
+                call.give_back()
+        client.write(self._reply())
+
+    def _request(self) -> bytes:
+        if self.simple:
+            return m.query(self.sql)
+        kinds = [k for k, _ in self.unit]
+        if kinds[-1] != ord("S") or kinds[-2] != ord("E") or not all(
+                k in (ord("D"), ord("H")) for k in kinds[1:-2]):
+            raise PgError("0A000", "a statement that changes several shards must come as "
+                          "Bind, Describe (optional), Execute, then Sync",
+                          hint="send it with the simple query protocol")
+        params, _, _ = bind_parts(self.unit[0][1])
+        types = b"".join(_LEN.pack(t) for t in self.param_types)
+        return (m.message(b"P", b"\x00" + self.sql + b"\x00" + _I16.pack(len(self.param_types))
+                          + types)
+                + m.message(b"B", b"\x00\x00" + params + b"\x00\x00")
+                + m.message(b"D", b"P\x00") + m.message(b"E", b"\x00\x00\x00\x00\x00")
+                + m.SYNC)
+
+    async def _phase(self, data: bytes, replies: int) -> None:
+        """Send `data` to every shard and wait for `replies` ReadyForQuery from each."""
+        self.phase_done = asyncio.get_running_loop().create_future()
+        self.pending = replies * len(self.calls)
+        for call in self.calls:
+            call.ready = False
+            call.conn.sink = call
+            call.conn.write(data)
+        await self.phase_done
+        for call in self.calls:
+            if call.lost:
+                raise ShardFailure(call.error or PgError("08006", f"lost shard {call.shard}"))
+
+    def _messages(self, call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
+        for kind, body in msgs:
+            if kind == 0x43:  # C
+                tag = body[:-1]
+                if tag not in (b"BEGIN", b"COMMIT", b"ROLLBACK"):
+                    self.tags[call.index] = tag
+            elif kind == 0x45:  # E
+                self.errors.append(shard_error(call.shard, body))
+            elif kind == 0x54 or kind == 0x6E:  # T, n
+                if self.description is None:
+                    self.description = m.message(bytes([kind]), body)
+            elif kind == 0x5A:  # Z
+                self.pending -= 1
+                call.ready = True
+            elif kind == 0x4E:  # a notice
+                self.client.write(m.message(b"N", body))
+        if call.lost:
+            self.pending = 0
+        if self.pending <= 0 and self.phase_done is not None and not self.phase_done.done():
+            self.phase_done.set_result(None)
+
+    def _reply(self) -> bytes:
+        out = [] if self.simple else [m.BIND_COMPLETE]
+        if self.errors:
+            return b"".join(out) + m.error_response(self.errors[0]) + m.ready_for_query(b"I")
+        if not self.simple and any(k == ord("D") for k, _ in self.unit):
+            out.append(self.description or m.NO_DATA)
+        out.append(m.message(b"C", self._tag() + b"\x00"))
+        out.append(m.ready_for_query(b"I"))
+        return b"".join(out)
+
+    def _tag(self) -> bytes:
+        tags = list(self.tags.values())
+        if not tags:
+            return b"COMMIT"
+        counted = [_TAG_COUNT.match(t) for t in tags]
+        if self.same_rows or not all(counted):
+            return tags[0]
+        total = sum(int(c.group(2)) for c in counted if c is not None)
+        first = counted[0]
+        assert first is not None
+        return first.group(1) + b" " + str(total).encode()
