@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+from ..merge import MergeError, MergePlan, MergeRefused, plan_merge
 from ..router.analyze import Analysis, Eq, Kind, Slot, analyze
 from ..router.classify import split_statements
 from ..router.fingerprint import LITERAL_BASE, FingerprintCache, Literal
@@ -84,6 +85,7 @@ class StatementRouter:
         self._keep: list[Analysis] = []  # the analyses behind those ids stay alive
         self._reasons: dict[tuple[str, str], str] = {}
         self._fingerprint = FingerprintCache()
+        self._merges: dict[bytes, MergePlan | MergeError] = {}
 
     @property
     def active(self) -> bool:
@@ -160,6 +162,29 @@ class StatementRouter:
             reason = self._reasons[(rule.name, shard)] = (
                 f"{rule.kind.value} rule {rule.name} puts the key on {shard}")
         return SingleShard(shard, reason)
+
+    def merge_plan(self, sql: bytes) -> MergePlan:
+        """How a read across shards runs and merges (cached by text); MergeError (0A000: a
+        MergeRefused) when it cannot be merged exactly."""
+        known: MergePlan | MergeError | None = self._merges.get(sql)
+        if known is None:
+            if len(self.prepared(sql)) != 1:
+                known = MergeRefused(
+                    "0A000", "a query string that reads several shards must hold that one "
+                    "statement only", "send the statements one by one")
+            else:
+                try:
+                    known = plan_merge(sql.decode("utf-8"), self.smap)
+                except MergeError as e:
+                    known = e
+                except UnicodeDecodeError:
+                    known = MergeRefused("22021", "the query is not valid UTF-8")
+            if len(self._merges) >= CACHE_LIMIT:
+                self._merges.clear()
+            self._merges[sql] = known
+        if isinstance(known, MergeError):
+            raise known
+        return known
 
     def prepared(self, sql: bytes) -> tuple[Analysis, ...]:
         return self.analyses(sql, self._prepared)

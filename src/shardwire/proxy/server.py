@@ -14,11 +14,11 @@ import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
+from ..merge import MergeError
 from ..router.analyze import Analysis, Kind
 from ..router.classify import (
     SessionReset,
@@ -51,6 +51,7 @@ from .protocol.framing import (
 )
 from .protocol.relay import ClientStatements
 from .routing import StatementRouter, parse_param_types, read_bind
+from .scatter import ScatterRead
 
 log = logging.getLogger("shardwire")
 
@@ -126,7 +127,7 @@ class ClientConnection(asyncio.Protocol):
         self.key_local: str | None = None
         # Prepared statements: name -> (analyses, parameter types, text).
         self.analyses: dict[bytes, tuple[tuple[Analysis, ...], tuple[int, ...], bytes]] = {}
-        self.scatter: Any = None  # a ScatterRead running on several shards
+        self.scatter: ScatterRead | None = None  # a read running on several shards
         # A statement for several shards, waiting for the rest of its unit (up to Sync).
         self.multi_unit: list[tuple[int, bytes]] | None = None
         self.multi_start: Callable[[list[tuple[int, bytes]]], Awaitable[None]] | None = None
@@ -776,12 +777,15 @@ class ClientConnection(asyncio.Protocol):
                 "keys of one shard)"), msg, ends_unit=ends_unit)
             return
         else:
-            self._refuse(PgError(
-                "0A000", f"the query needs rows from several shards ({shards}); this "
-                "version of Shardwire does not merge results across shards yet",
-                hint="add a condition on the sharding key that selects one shard, or name a "
-                "shard with a /* shard: name */ comment"), msg, ends_unit=ends_unit)
-            return
+            try:
+                merge = self.proxy.router.merge_plan(sql)
+            except MergeError as e:
+                self._refuse(PgError(e.sqlstate, e.message, e.hint), msg, ends_unit=ends_unit)
+                return
+
+            def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                return ScatterRead(self, plan.shards, merge, unit,
+                                   param_types=param_types).run()
         self.multi_start = start
         if ends_unit:
             self._run_multi([msg])
