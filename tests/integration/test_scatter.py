@@ -154,3 +154,32 @@ def test_refused_constructs_say_why(dsn: str) -> None:
             with conn.transaction():
                 conn.execute(f"select count(*) from {ORDERS}")
         assert conn.execute("select 1").fetchone() == (1,)
+
+
+def test_a_user_defined_aggregate_is_refused_not_taken_for_rows(
+        dsn: str, shards: list[PostgresCluster]) -> None:
+    """The proxy has no catalog of its own: it asks a shard whether an unknown function is an
+    aggregate, rather than returning one partial result per shard as rows."""
+    name = f"sc_total_{SUFFIX}"
+    for cluster in shards:
+        on_shard(cluster, f"create aggregate {name}(int) (sfunc = int4pl, stype = int, "
+                          "initcond = '0')")
+        on_shard(cluster, f"create function {name}_twice(int) returns int "
+                          "language sql immutable as 'select $1 * 2'")
+    try:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
+                conn.execute(f"select {name}(amount) from {ORDERS}")
+            assert f"{name}()" in str(info.value)
+            # a plain user-defined function is fine
+            rows = conn.execute(f"select {name}_twice(amount) from {ORDERS} order by 1 "
+                                "limit 3").fetchall()
+            assert rows == [(2,), (4,), (4,)]
+            # grouped by the key, the aggregate runs within each shard: exact
+            rows = conn.execute(f"select tenant_id, {name}(amount) from {ORDERS} "
+                                "group by tenant_id order by 1").fetchall()
+            assert rows == [(t, sum(r[2] for r in ROWS if r[1] == t)) for t in (1, 2, 3)]
+    finally:
+        for cluster in shards:
+            on_shard(cluster, f"drop aggregate if exists {name}(int)")
+            on_shard(cluster, f"drop function if exists {name}_twice(int)")

@@ -138,6 +138,7 @@ class Plan:
     limit: LimitSpec | None = None
     aggregation: Aggregation | None = None
     reason: str = ""
+    groups_on_one_shard: bool = False  # GROUP BY holds the sharding key
 
 
 def refuse(message: str, hint: str) -> MergeRefused:
@@ -853,7 +854,8 @@ def _stream_plan(b: _Builder, keys: _KeyColumns, group_local: bool) -> tuple[
     reason = "groups contain the sharding key: each group is on one shard" if group_local \
         else ("k-way merge by ORDER BY" if sort else "union of the shards' rows")
     return shard_sql, tuple(b.params), Plan(
-        mode, len(b.helpers), tuple(sort), distinct, distinct_on, limit, None, reason)
+        mode, len(b.helpers), tuple(sort), distinct, distinct_on, limit, None, reason,
+        groups_on_one_shard=group_local)
 
 
 def _aggregate_plan(b: _Builder, keys: _KeyColumns) -> tuple[str, tuple[int, ...], Plan]:

@@ -173,16 +173,16 @@ def bind_parts(body: bytes) -> tuple[bytes, tuple[int, ...], tuple[bytes | None,
     return params, tuple(results), tuple(values)
 
 
-async def show(conn: ServerConnection, name: str) -> str:
-    """A server setting's value (SHOW name), read on an idle connection."""
-    rows: list[bytes] = []
+async def query_rows(conn: ServerConnection, sql: str) -> list[list[str | None]]:
+    """The rows (as text) of a query of the proxy's own, run on an idle connection."""
+    rows: list[list[str | None]] = []
     failure: list[PgError] = []
     done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def messages(call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
         for kind, body in msgs:
             if kind == 0x44:
-                rows.append(body)
+                rows.append(_text_values(body))
             elif kind == 0x45:
                 failure.append(shard_error(call.shard, body))
             elif kind == 0x5A:
@@ -194,18 +194,41 @@ async def show(conn: ServerConnection, name: str) -> str:
 
     call = ShardCall(0, conn, messages)
     conn.sink = call
-    conn.write(m.query(f"SHOW {name}"))
+    conn.write(m.query(sql))
     try:
         await done
     finally:
         conn.sink = None
     if failure:
         raise ShardFailure(failure[0])
-    if not rows:
-        raise ShardFailure(PgError("XX000", f"SHOW {name} returned no row"))
-    (length,) = _I32.unpack_from(rows[0], 2)
-    return rows[0][6:6 + length].decode("utf-8")
+    return rows
 
+
+def _text_values(body: bytes) -> list[str | None]:
+    (count,) = _I16.unpack_from(body, 0)
+    pos = 2
+    values: list[str | None] = []
+    for _ in range(count):
+        (length,) = _I32.unpack_from(body, pos)
+        pos += 4
+        if length < 0:
+            values.append(None)
+        else:
+            values.append(body[pos:pos + length].decode("utf-8"))
+            pos += length
+    return values
+
+
+async def show(conn: ServerConnection, name: str) -> str:
+    """A server setting's value (SHOW name)."""
+    rows = await query_rows(conn, f"SHOW {name}")
+    if not rows or rows[0][0] is None:
+        raise ShardFailure(PgError("XX000", f"SHOW {name} returned no value"))
+    return rows[0][0]
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
 
 
 # Statements PostgreSQL refuses inside a transaction block: sent to each shard on their own.

@@ -12,8 +12,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
 
+import sqlglot
+from sqlglot import exp
+
 from ..merge import MergeError, MergePlan, MergeRefused, plan_merge
-from ..router.analyze import Analysis, Eq, Kind, Slot, analyze
+from ..router.analyze import Analysis, Eq, Kind, Slot, analyze, fix_comma_params
 from ..router.classify import split_statements
 from ..router.fingerprint import LITERAL_BASE, FingerprintCache, Literal
 from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
@@ -85,7 +88,7 @@ class StatementRouter:
         self._keep: list[Analysis] = []  # the analyses behind those ids stay alive
         self._reasons: dict[tuple[str, str], str] = {}
         self._fingerprint = FingerprintCache()
-        self._merges: dict[bytes, MergePlan | MergeError] = {}
+        self._merges: dict[bytes, tuple[MergePlan, frozenset[str]] | MergeError] = {}
 
     @property
     def active(self) -> bool:
@@ -163,22 +166,25 @@ class StatementRouter:
                 f"{rule.kind.value} rule {rule.name} puts the key on {shard}")
         return SingleShard(shard, reason)
 
-    def merge_plan(self, sql: bytes) -> MergePlan:
-        """How a read across shards runs and merges (cached by text); MergeError (0A000: a
-        MergeRefused) when it cannot be merged exactly."""
-        known: MergePlan | MergeError | None = self._merges.get(sql)
+    def merge_plan(self, sql: bytes) -> tuple[MergePlan, frozenset[str]]:
+        """How a read across shards runs and merges (cached by text), and the names of the
+        functions in it that neither sqlglot nor the merge knows (the executor asks a shard
+        whether any is an aggregate); MergeError (0A000: a MergeRefused) when it cannot be
+        merged exactly."""
+        known = self._merges.get(sql)
         if known is None:
             if len(self.prepared(sql)) != 1:
                 known = MergeRefused(
-                    "0A000", "a query string that reads several shards must hold that one "
-                    "statement only", "send the statements one by one")
+                    "a query string that reads several shards must hold that one statement "
+                    "only", "send the statements one by one")
             else:
                 try:
-                    known = plan_merge(sql.decode("utf-8"), self.smap)
+                    text = sql.decode("utf-8")
+                    known = (plan_merge(text, self.smap), _unknown_functions(text))
                 except MergeError as e:
                     known = e
                 except UnicodeDecodeError:
-                    known = MergeRefused("22021", "the query is not valid UTF-8")
+                    known = MergeError("22021", "the query is not valid UTF-8")
             if len(self._merges) >= CACHE_LIMIT:
                 self._merges.clear()
             self._merges[sql] = known
@@ -338,3 +344,14 @@ def combine(plans: list[Plan]) -> Plan:
                            hint="send them as separate queries")
         single = single or plan
     return single or plans[0]
+
+
+def _unknown_functions(sql: str) -> frozenset[str]:
+    """Names of the functions sqlglot does not know in `sql` (user-defined ones among them):
+    a user-defined aggregate would otherwise pass for a plain function and its per-shard
+    results for rows."""
+    try:
+        tree = sqlglot.parse_one(fix_comma_params(sql), read="postgres")
+    except sqlglot.errors.SqlglotError:
+        return frozenset()  # plan_merge parsed it; not expected
+    return frozenset(f.name.lower() for f in tree.find_all(exp.Anonymous))

@@ -13,7 +13,14 @@ import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from ..merge import Merge, MergeError, MergePlan, encode_row_description, parse_row_description
+from ..merge import (
+    Merge,
+    MergeError,
+    MergePlan,
+    MergeRefused,
+    encode_row_description,
+    parse_row_description,
+)
 from .fanout import (
     ShardCall,
     ShardFailure,
@@ -58,12 +65,14 @@ class ScatterRead:
     `param_types`)."""
 
     def __init__(self, client: ClientConnection, shards: Sequence[str], plan: MergePlan,
-                 unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = ()) -> None:
+                 unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = (),
+                 functions: frozenset[str] = frozenset()) -> None:
         self.client = client
         self.shards = sorted(shards)
         self.plan = plan
         self.unit = list(unit)
         self.param_types = tuple(param_types)
+        self.functions = functions  # names the merge does not know: aggregates, maybe
         self.calls: list[ShardCall] = []
         self.merge: Merge | None = None
         self.described = False  # the shards' RowDescription was handled
@@ -98,6 +107,14 @@ class ScatterRead:
             for conn in conns:
                 await apply_settings(conn, client.settings)
             collation = await client.proxy.collation(conns[0])
+            if self.functions and not self.plan.plan.groups_on_one_shard:
+                aggregates = await client.proxy.aggregates_among(conns[0], self.functions)
+                if aggregates:
+                    raise MergeRefused(
+                        f"{aggregates[0]}() is an aggregate the proxy cannot "
+                        "combine across shards", hint="group by the sharding key, add a "
+                        "condition on it that selects one shard, or name a shard with a "
+                        "/* shard: name */ comment")
             self.merge = self.plan.start(merge_params, formats, collation, shards=len(conns),
                                          extra_float_digits=_extra_float_digits(client))
         except MergeError as e:

@@ -38,7 +38,7 @@ from ..router.plan import (
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
 from .directory import Directory
-from .fanout import Broadcast, show
+from .fanout import Broadcast, query_rows, quote_literal, show
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -778,14 +778,14 @@ class ClientConnection(asyncio.Protocol):
             return
         else:
             try:
-                merge = self.proxy.router.merge_plan(sql)
+                merge, functions = self.proxy.router.merge_plan(sql)
             except MergeError as e:
                 self._refuse(PgError(e.sqlstate, e.message, e.hint), msg, ends_unit=ends_unit)
                 return
 
             def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
-                return ScatterRead(self, plan.shards, merge, unit,
-                                   param_types=param_types).run()
+                return ScatterRead(self, plan.shards, merge, unit, param_types=param_types,
+                                   functions=functions).run()
         self.multi_start = start
         if ends_unit:
             self._run_multi([msg])
@@ -1028,6 +1028,7 @@ class Proxy:
         self._next_pid = 1
         self._maintenance: asyncio.Task[None] | None = None
         self._collation: str | None = None
+        self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
         self._apply_config(config)
 
     def _apply_config(self, config: Config) -> None:
@@ -1151,6 +1152,22 @@ class Proxy:
         if self._collation is None:
             self._collation = await show(conn, "lc_collate")
         return self._collation
+
+    async def aggregates_among(self, conn: ServerConnection, names: frozenset[str]
+                               ) -> list[str]:
+        """Which of these function names are aggregates (or window functions) in the
+        shards' catalog; asked once per name."""
+        unknown = sorted(n for n in names if n not in self._aggregates)
+        if unknown:
+            found = await query_rows(conn, (
+                "SELECT DISTINCT proname FROM pg_catalog.pg_proc WHERE prokind IN ('a', 'w') "
+                "AND proname IN (" + ", ".join(quote_literal(n) for n in unknown) + ")"))
+            aggregates = {row[0] for row in found}
+            if len(self._aggregates) > 10000:
+                self._aggregates.clear()
+            for name in unknown:
+                self._aggregates[name] = name in aggregates
+        return sorted(n for n in names if self._aggregates.get(n))
 
     async def login_parameters(self, pool: Pool, settings: dict[str, str]) -> dict[str, str]:
         """The ParameterStatus values a client with these settings should see at login.
