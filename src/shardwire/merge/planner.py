@@ -20,7 +20,7 @@ from ..router.analyze import fix_comma_params
 from ..router.shardmap import ShardMap, TableName
 from . import scalar as s
 from .errors import MergeRefused
-from .sqltext import Layout, Splice, layout
+from .sqltext import Layout, Splice, clause_items, layout
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)
 
@@ -871,8 +871,15 @@ def _aggregate_plan(b: _Builder, keys: _KeyColumns) -> tuple[str, tuple[int, ...
 
     # GROUP BY: each key is a select item or a helper column.
     group = sel.args.get("group")
-    for g in (group.expressions if group is not None else []):
-        key_col = compiler.group_column(g)
+    expressions = group.expressions if group is not None else []
+    # As written: a helper column must repeat the GROUP BY expression exactly (sqlglot's
+    # spelling of `date_trunc('month', t)` is not the same expression to PostgreSQL).
+    span = lay.clauses.get("group")
+    written = clause_items(lay.text, span) if span is not None else []
+    if len(written) != len(expressions):
+        written = []
+    for n, g in enumerate(expressions):
+        key_col = compiler.group_column(g, written[n] if written else None)
         group_cols.append(key_col)
         roles[key_col] = ColumnRole(key_col, Role.KEY)
 
@@ -990,7 +997,7 @@ class _Compiler:
                 hint="GROUP BY the sharding key (each group then stays on one shard), or "
                 "count distinct values of the sharding key")
 
-    def group_column(self, g: exp.Expr) -> int:
+    def group_column(self, g: exp.Expr, written: str | None = None) -> int:
         b = self.b
         position = _int_literal(g)
         if position is not None:
@@ -1004,7 +1011,7 @@ class _Compiler:
             col = b.visible(i)
             if col is not None:
                 return col
-        return b.helper(g, Role.KEY)
+        return b.helper(g, Role.KEY, sql=written)
 
     def aggregate_column(self, e: exp.Expr, a: _Agg) -> int:
         """The column holding a mergeable aggregate: a select item that is that very

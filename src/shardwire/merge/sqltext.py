@@ -104,7 +104,9 @@ def layout(text: str) -> Layout:
             depth += 1
         elif tt in _CLOSE:
             depth -= 1
-        elif depth == 0 and tt in _CLAUSES:
+        elif depth == 0 and tt in _CLAUSES and not (
+                tt is TokenType.FROM and tokens[i - 1].token_type is TokenType.DISTINCT):
+            # (the FROM of `IS [NOT] DISTINCT FROM` is no clause)
             name = _CLAUSES[tt]
             if clause is None:
                 if item_start is not None:
@@ -155,3 +157,29 @@ class Splice:
         for start, end, new in sorted(self.edits, key=lambda e: (e[0], e[1]), reverse=True):
             out = out[:start] + new + out[end:]
         return out
+
+
+def clause_items(text: str, span: tuple[int, int]) -> list[str]:
+    """The comma-separated items of a clause (`GROUP BY a, f(b, c)`), as written."""
+    tokens = list(_DIALECT.tokenize(text[span[0]:span[1]]))
+    items: list[str] = []
+    depth = 0
+    start: int | None = None
+    end = 0
+    for t in tokens[1:]:  # after the clause keyword (GROUP BY is one token)
+        tt = t.token_type
+        if tt in _OPEN:
+            depth += 1
+        elif tt in _CLOSE:
+            depth -= 1
+        elif depth == 0 and tt is TokenType.COMMA:
+            if start is not None:
+                items.append(text[span[0] + start:span[0] + end])
+            start = None
+            continue
+        if start is None:
+            start = t.start
+        end = t.end + 1
+    if start is not None:
+        items.append(text[span[0] + start:span[0] + end])
+    return items

@@ -144,3 +144,19 @@ def test_reference_tables_in_subqueries_are_fine() -> None:
 def test_plan_is_deterministic() -> None:
     sql = "SELECT status, avg(amount) FROM orders GROUP BY status HAVING count(*) > 1"
     assert plan(sql) == plan(sql)
+
+
+def test_group_by_helper_repeats_the_expression_as_written() -> None:
+    # sqlglot would print DATE_TRUNC('MONTH', ...): another constant, so PostgreSQL would
+    # refuse the helper column (42803); the oracle found it.
+    assert plan("SELECT count(*) FROM orders GROUP BY date_trunc('month', created), "
+                "substr(status, 1, 2)").shard_sql == (
+        "SELECT count(*), date_trunc('month', created) AS __sw_1, substr(status, 1, 2) AS "
+        "__sw_2 FROM orders GROUP BY date_trunc('month', created), substr(status, 1, 2)")
+
+
+def test_is_distinct_from_is_no_from_clause() -> None:
+    sql = "SELECT count(*) FROM orders WHERE status IS NOT DISTINCT FROM 'paid'"
+    assert plan(sql).shard_sql == sql
+    sql = "SELECT id FROM orders WHERE status IS DISTINCT FROM $1 ORDER BY id"
+    assert plan(sql).shard_sql == sql
