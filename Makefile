@@ -32,6 +32,8 @@ integration: $(STAMP)
 
 bench: $(STAMP)
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/run.py
+	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/sharded.py
+	$(PY) bench/scatter.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
