@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import logging
 import sys
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from . import __version__
@@ -64,7 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         "a line per shard; exits 1 if any shard failed.")
     ids.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
 
+    recover = sub.add_parser(
+        "recover", help="finish two-phase commits a crash left prepared on the shards",
+        description="Look for Shardwire's prepared transactions (shardwire:...) on the primary "
+        "of every shard: commit those whose commit decision is in the catalog database, roll "
+        "back those without one that are older than --min-age, leave younger ones (a proxy "
+        "may be about to decide). Prints a line per transaction and a summary; exits 0 when "
+        "nothing is left in doubt, 1 otherwise. Safe to run while proxies run (see "
+        "docs/transactions.md).")
+    recover.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
+    recover.add_argument("--dry-run", action="store_true",
+                         help="only print what would be done")
+    recover.add_argument("--min-age", type=float, default=60.0, metavar="SECONDS",
+                         help="roll back undecided transactions only when prepared at least "
+                         "this long ago (default 60)")
+
     args = parser.parse_args(argv)
+    if args.command == "recover":
+        return _recover(args.config, dry_run=args.dry_run, min_age=args.min_age)
     if args.command == "ids":
         from .ids import ids_command
         return ids_command(args.config)
@@ -127,6 +145,68 @@ def _explain(path: str, sql: str, *, as_json: bool) -> int:
         for key, value in out.items():
             print(f"{key}: {value}")
     return 1 if isinstance(plan, Refusal) else 0
+
+
+def _recover(path: str, *, dry_run: bool, min_age: float) -> int:
+    from .proxy.twophase import (
+        DecisionLog,
+        PreparedTransaction,
+        Recovery,
+        RecoveryReport,
+        decision_address,
+    )
+    config = load_or_report(path)
+    if config is None:
+        return 1
+    if min_age < 0:
+        print("--min-age must not be negative", file=sys.stderr)
+        return 2
+
+    async def run() -> RecoveryReport:
+        decisions = DecisionLog(decision_address(config), decided_by="shardwire recover")
+        try:
+            return await Recovery(config, decisions).run_once(min_age=min_age, dry_run=dry_run)
+        finally:
+            await decisions.close()
+
+    report = asyncio.run(run())
+    commit, rollback = ("would commit", "would roll back") if dry_run else (
+        "committed", "rolled back")
+
+    def line(t: PreparedTransaction, what: str) -> None:
+        print(f"{t.shard}: {what} {t.gid} (prepared {t.age_seconds:.0f}s ago)", flush=True)
+
+    for problem in report.problems:
+        print(f"warning: {problem}", file=sys.stderr)
+    if report.catalog_error:
+        print(f"catalog: {report.catalog_error}", file=sys.stderr)
+    for shard, why in report.unreachable:
+        print(f"{shard}: unreachable: {why}", file=sys.stderr)
+    for t in report.committed:
+        line(t, commit)
+    for t in report.rolled_back:
+        line(t, rollback)
+    for t in report.elsewhere:
+        line(t, "finished by another session:")
+    for t in report.left_young:
+        line(t, f"left alone (no decision, younger than {min_age:g}s):")
+    for t, why in report.failed:
+        print(f"{t.shard}: could not finish {t.gid}: {why}", file=sys.stderr)
+    if report.forgotten:
+        print(f"forgot {len(report.forgotten)} finished decision(s)")
+
+    def count(items: Sequence[PreparedTransaction]) -> int:
+        return len({t.gid for t in items})
+
+    left = count([*report.left_young, *(t for t, _ in report.failed)])
+    if dry_run:
+        left += count([*report.committed, *report.rolled_back])
+    summary = [f"{count(report.committed)} {commit}", f"{count(report.rolled_back)} {rollback}",
+               f"{left} left in doubt"]
+    if report.unreachable:
+        summary.append(f"{len(report.unreachable)} shard(s) not looked at")
+    print("summary: " + ", ".join(summary) + (" (dry run)" if dry_run else ""), flush=True)
+    return 0 if report.settled else 1
 
 
 def _serve(path: str) -> int:

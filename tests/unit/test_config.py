@@ -259,12 +259,14 @@ def test_changed_settings_names_what_differs() -> None:
          "did you mean 'port'?"),
         ({"shard": {}}, "shard: unknown key (allowed: "),
         ({"shard": {}}, "did you mean 'shards'?"),
-        ({"port": 5}, "port: unknown key (allowed: listen, tls, auth, pool, database, "
-                      "admin_database, default_shard, catalog, users, shards, sharding); "
+        ({"port": 5}, "port: unknown key (allowed: listen, tls, auth, pool, transactions, "
+                      "database, admin_database, default_shard, catalog, users, shards, "
+                      "sharding); "
                       "did you mean listen: {port: ...}?"),
         ({"auth_method": "trust"}, "auth_method: unknown key (allowed: listen, tls, auth, pool, "
-                                   "database, admin_database, default_shard, catalog, users, "
-                                   "shards, sharding); did you mean auth: {method: ...}?"),
+                                   "transactions, database, admin_database, default_shard, "
+                                   "catalog, users, shards, sharding); did you mean auth: "
+                                   "{method: ...}?"),
         ({"users": {"app": {"pasword": "x"}}},
          "users.app.pasword: unknown key (allowed: password, scram_verifier, admin, pool_mode); "
          "did you mean 'password'?"),
@@ -397,8 +399,8 @@ default_shard: s1
 """
     # only the unknown key, not a duplicate
     assert problems(text) == [
-        "x-server: unknown key (allowed: listen, tls, auth, pool, database, admin_database, "
-        "default_shard, catalog, users, shards, sharding)"
+        "x-server: unknown key (allowed: listen, tls, auth, pool, transactions, database, "
+        "admin_database, default_shard, catalog, users, shards, sharding)"
     ]
 
 

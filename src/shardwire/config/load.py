@@ -30,6 +30,7 @@ from shardwire.config.model import (
     ServerAddress,
     Shard,
     Tls,
+    TransactionSettings,
     User,
 )
 from shardwire.config.settings import SECTIONS, SETTINGS, Setting, section_names
@@ -372,6 +373,7 @@ class _Reader:
             tls=tls,
             auth_method=auth_method,
             pool=PoolSettings(**settings_in("pool")),
+            transactions=TransactionSettings(**settings_in("transactions")),
             catalog=values["catalog"],
             admin_database=values["admin_database"],
             path=file,

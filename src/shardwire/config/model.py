@@ -79,6 +79,15 @@ class PoolSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TransactionSettings:
+    """Two-phase commit and its recovery (docs/transactions.md)."""
+
+    decision_timeout: float = 5.0  # a commit decision not recorded by then: rolled back
+    recovery_interval: float = 30.0  # seconds between passes over the shards' prepared ones
+    recovery_min_age: float = 60.0  # an undecided prepared transaction younger is left alone
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole Shardwire configuration."""
 
@@ -90,6 +99,7 @@ class Config:
     tls: Tls | None = None
     auth_method: AuthMethod = AuthMethod.SCRAM_SHA_256
     pool: PoolSettings = field(default_factory=PoolSettings)
+    transactions: TransactionSettings = field(default_factory=TransactionSettings)
     catalog: ServerAddress | None = None
     admin_database: str = "shardwire"
     path: str | None = None  # the file it was loaded from, for RELOAD

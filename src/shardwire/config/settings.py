@@ -19,10 +19,12 @@ from shardwire.config.model import (
     PoolMode,
     PoolSettings,
     ServerAddress,
+    TransactionSettings,
 )
 
 _LISTEN = Listen()
 _POOL = PoolSettings()
+_TX = TransactionSettings()
 _CONFIG_DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(Config)}
 
 
@@ -117,6 +119,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("pool.server_reset_query", str, _POOL.server_reset_query, True,
             "Run on a server connection when a session-mode client leaves; empty for none.",
             may_be_empty=True),
+    Setting("transactions.decision_timeout", float, _TX.decision_timeout, False,
+            "A two-phase commit whose decision is not recorded in this time is rolled back.",
+            positive=True),
+    Setting("transactions.recovery_interval", float, _TX.recovery_interval, False,
+            "Seconds between passes that finish the shards' prepared transactions.",
+            positive=True),
+    Setting("transactions.recovery_min_age", float, _TX.recovery_min_age, False,
+            "A prepared transaction with no decision is rolled back once this old (another "
+            "proxy may be committing a younger one).", minimum=0),
 )
 
 SETTINGS_BY_PATH: dict[str, Setting] = {s.path: s for s in SETTINGS}

@@ -500,7 +500,13 @@ class _Builder:
     def helper(self, e: exp.Expr, role: Role | None, collation: str | None = None,
                sql: str | None = None) -> int:
         text = sql if sql is not None else _sql(_unparen(e))
-        key = f"{role.value if role else ''}:{text}"
+        if role in (Role.KEY, Role.FIRST):
+            # One column per grouped expression, however it is spelled where it recurs (an
+            # ORDER BY repeating a GROUP BY expression gets the GROUP BY's column, written as
+            # the GROUP BY has it).
+            key = f"group:{_canon(e)}"
+        else:
+            key = f"{role.value if role else ''}:{text}"
         if key in self.helper_index:
             return ~self.helper_index[key]
         self.helper_index[key] = len(self.helpers)

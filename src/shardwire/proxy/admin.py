@@ -1,10 +1,19 @@
 """The admin console: the virtual database `shardwire` answering SHOW commands and RELOAD
-with ordinary result sets, so psql and any driver can read them."""
+with ordinary result sets, so psql and any driver can read them.
+
+Most commands answer at once from the proxy's memory. Those that must ask servers (SHOW
+IN_DOUBT, RESOLVE IN_DOUBT) answer later; messages that arrive meanwhile wait their turn, so
+replies always go out in the order of the requests.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import re
 import time
-from collections.abc import Callable, Sequence
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 from .. import __version__
@@ -16,10 +25,16 @@ from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
 
 if TYPE_CHECKING:
     from .server import ClientConnection, Proxy
+    from .twophase import Recovery
+
+log = logging.getLogger("shardwire.admin")
 
 T, I8 = m.TEXT_OID, m.INT8_OID
 
 Result = tuple[Sequence[tuple[str, int]], Sequence[Sequence[object]], str]
+
+# RESOLVE IN_DOUBT '<gid>' COMMIT | ROLLBACK
+_RESOLVE = re.compile(rb"(?is)^\s*resolve\s+in_doubt\s+'((?:[^']|'')*)'\s+(commit|rollback)\s*$")
 
 
 class AdminSession:
@@ -33,6 +48,12 @@ class AdminSession:
             "servers": self.show_servers, "stats": self.show_stats, "config": self.show_config,
             "version": self.show_version, "help": self.show_help,
         }
+        # Commands answered later (they ask servers): SHOW <name>.
+        self.later: dict[str, Callable[[], Awaitable[bytes]]] = {
+            "in_doubt": self.show_in_doubt,
+        }
+        self.queue: deque[tuple[int, bytes]] = deque()  # messages waiting for their turn
+        self.running: asyncio.Task[None] | None = None  # the command being answered later
 
     def greet(self) -> None:
         params = {"server_version": f"15.0 (Shardwire {__version__} admin console)",
@@ -50,12 +71,24 @@ class AdminSession:
         except FrameError as e:
             self.client.fatal(e)
             return
-        for kind, body in msgs:
+        self.queue.extend(msgs)
+        self._next()
+
+    def _next(self) -> None:
+        """Answer the waiting messages in order, until one must be answered later."""
+        while self.queue and self.running is None and not self.client.closed:
+            kind, body = self.queue.popleft()
             if kind == ord("X"):
                 self.client.close()
                 return
             if kind == ord("Q"):
-                self.client.write(self.run(body[:-1]) + m.ready_for_query(b"I"))
+                sql = body[:-1]
+                statements = split_statements(sql)
+                if any(self._is_later(stmt) for stmt in statements):
+                    self.running = asyncio.get_running_loop().create_task(
+                        self._answer_later(statements))
+                    return
+                self.client.write(self.run(sql) + m.ready_for_query(b"I"))
             elif kind == ord("S"):
                 if self.skip_to_sync:
                     self.skip_to_sync = False
@@ -65,6 +98,32 @@ class AdminSession:
                 self.client.write(m.error_response(PgError(
                     "0A000", "the admin console supports only the simple query protocol",
                     hint="use psql, or your driver's simple-query mode")))
+
+    def _is_later(self, stmt: bytes) -> bool:
+        words = leading_words(stmt, 3)
+        return (len(words) == 2 and words[0] == "show" and words[1] in self.later) or (
+            bool(words) and words[0] == "resolve")
+
+    async def _answer_later(self, statements: list[bytes]) -> None:
+        out = []
+        try:
+            for stmt in statements:
+                try:
+                    if self._is_later(stmt):
+                        out.append(await self.run_later(stmt))
+                    else:
+                        out.append(self.run_one(stmt))
+                except PgError as e:
+                    out.append(m.error_response(e))
+                    break
+                except Exception as e:  # the console must keep answering
+                    log.exception("admin command failed")
+                    out.append(m.error_response(PgError("XX000", f"internal error: {e}")))
+                    break
+            self.client.write(b"".join(out) + m.ready_for_query(b"I"))
+        finally:
+            self.running = None
+            self._next()
 
     def run(self, sql: bytes) -> bytes:
         statements = split_statements(sql)
@@ -83,8 +142,7 @@ class AdminSession:
         words = leading_words(stmt, 3)
         if words and words[0] == "show" and len(words) == 2 and words[1] in self.commands:
             columns, rows, tag = self.commands[words[1]]()
-            return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
-                    + m.command_complete(tag or f"SHOW {len(rows)}"))
+            return _result(columns, rows, tag)
         if words == ["reload"]:
             problems = self.proxy.reload()
             if problems:
@@ -99,10 +157,23 @@ class AdminSession:
         raise PgError("42601", f"unknown admin command: {stmt.decode('utf-8', 'replace')[:80]}",
                       hint="SHOW HELP lists the commands")
 
+    async def run_later(self, stmt: bytes) -> bytes:
+        words = leading_words(stmt, 3)
+        if words[0] == "show":
+            return await self.later[words[1]]()
+        found = _RESOLVE.match(stmt)
+        if found is None:
+            raise PgError("42601", "RESOLVE IN_DOUBT takes a transaction id and COMMIT or "
+                          "ROLLBACK", hint="RESOLVE IN_DOUBT 'shardwire:...' COMMIT")
+        gid = found.group(1).decode("utf-8", "replace").replace("''", "'")
+        return await self.resolve_in_doubt(gid, commit=found.group(2).lower() == b"commit")
+
     # -- the commands -----------------------------------------------------------------------
 
     def show_help(self) -> Result:
-        rows = [(f"SHOW {name.upper()}",) for name in self.commands] + [("RELOAD",)]
+        rows = [(f"SHOW {name.upper()}",) for name in (*self.commands, *self.later)] + [
+            ("RELOAD",), ("RESOLVE IN_DOUBT '<gid>' COMMIT",),
+            ("RESOLVE IN_DOUBT '<gid>' ROLLBACK",)]
         return [("command", T)], rows, ""
 
     def show_version(self) -> Result:
@@ -173,3 +244,39 @@ class AdminSession:
     def show_config(self) -> Result:
         cols = [("key", T), ("value", T), ("default", T), ("reloadable", T)]
         return cols, config_rows(self.proxy.config), ""
+
+    # -- two-phase commit (answered later) --------------------------------------------------
+
+    def _recovery(self) -> Recovery:
+        recovery: Recovery | None = getattr(self.proxy, "recovery", None)
+        if recovery is None:
+            raise PgError("0A000", "this proxy has no two-phase commit recovery",
+                          hint="finish prepared transactions with `shardwire recover`")
+        return recovery
+
+    async def show_in_doubt(self) -> bytes:
+        survey = await self._recovery().survey()
+        notices = [m.notice_response(f"shard {shard} could not be looked at: {why}",
+                                     sqlstate="01000", severity="WARNING")
+                   for shard, why in survey.unreachable]
+        if survey.catalog_error:
+            notices.append(m.notice_response(
+                f"decisions unknown: {survey.catalog_error}", sqlstate="01000",
+                severity="WARNING"))
+        cols = [("shard", T), ("gid", T), ("prepared", T), ("age", I8), ("decision", T)]
+        rows = [(t.shard, t.gid, t.prepared_at.strftime("%Y-%m-%d %H:%M:%S%z"),
+                 int(t.age_seconds), t.decision) for t in survey.transactions]
+        return b"".join(notices) + _result(cols, rows, "")
+
+    async def resolve_in_doubt(self, gid: str, *, commit: bool) -> bytes:
+        shards = await self._recovery().resolve(gid, commit=commit)
+        action = "committed" if commit else "rolled back"
+        cols = [("shard", T), ("gid", T), ("action", T)]
+        rows = [(shard, gid, action) for shard in shards]
+        return _result(cols, rows, f"RESOLVE {len(rows)}")
+
+
+def _result(columns: Sequence[tuple[str, int]], rows: Sequence[Sequence[object]],
+            tag: str) -> bytes:
+    return (m.row_description(columns) + b"".join(m.data_row(r) for r in rows)
+            + m.command_complete(tag or f"SHOW {len(rows)}"))

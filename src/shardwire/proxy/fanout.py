@@ -1,5 +1,6 @@
-"""Running one statement on several shards at once: the plumbing (`ShardCall`: a connection
-whose replies the proxy reads itself) and statements that change every shard (`Broadcast`).
+"""Running statements on several shards at once: the plumbing. `ShardCall` is a connection
+whose replies the proxy reads itself; scatter.py (reads) and distributed.py (writes,
+transactions) build on it.
 
 A connection taken for this work leaves the ordinary relay: the proxy reads the server's
 messages (the connection's `sink`) instead of streaming them to a client, and gives the
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import struct
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -21,7 +21,7 @@ from .protocol.errors import PgError
 from .protocol.framing import FrameError, MessageReader
 
 if TYPE_CHECKING:
-    from .server import ClientConnection
+    pass
 
 log = logging.getLogger("shardwire.fanout")
 
@@ -229,141 +229,3 @@ async def show(conn: ServerConnection, name: str) -> str:
 
 def quote_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
-
-
-# Statements PostgreSQL refuses inside a transaction block: sent to each shard on their own.
-_NO_TRANSACTION = re.compile(
-    rb"(?is)^\s*(vacuum|create\s+database|drop\s+database|alter\s+system|reindex\s+.*"
-    rb"\bconcurrently\b|(create|drop)\s+(unique\s+)?index\s+concurrently|cluster\s*;?\s*$)")
-_TAG_COUNT = re.compile(rb"^(INSERT 0|UPDATE|DELETE|SELECT|MERGE|COPY) (\d+)$")
-
-
-class Broadcast:
-    """One statement that changes every shard of the plan (DDL on sharded and reference
-    tables): all or nothing. Each shard runs it inside a transaction; only when every shard
-    succeeded do they all commit, else they all roll back. (The commit calls themselves are
-    not atomic together: a shard lost between the first and the last COMMIT keeps the old
-    state; docs/routing.md says so. Two-phase commit closes that gap.)
-
-    Statements PostgreSQL will not run in a transaction block (VACUUM, CREATE INDEX
-    CONCURRENTLY...) run on each shard on their own; a failure leaves them done on some
-    shards, exactly as with one server where they are not atomic either."""
-
-    def __init__(self, client: ClientConnection, shards: Sequence[str], sql: bytes,
-                 unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = (),
-                 same_rows: bool = False) -> None:
-        self.client = client
-        self.shards = sorted(shards)
-        self.sql = sql
-        self.unit = list(unit)
-        self.param_types = tuple(param_types)
-        self.same_rows = same_rows  # every shard holds the same rows (a reference table)
-        self.simple = self.unit[0][0] == ord("Q")
-        self.calls: list[ShardCall] = []
-        self.tags: dict[int, bytes] = {}
-        self.description: bytes | None = None
-        self.errors: list[PgError] = []
-        self.pending = 0  # ReadyForQuery messages still to come
-        self.phase_done: asyncio.Future[None] | None = None
-
-    async def run(self) -> None:
-        client = self.client
-        transactional = _NO_TRANSACTION.match(self.sql) is None
-        try:
-            request = self._request()
-        except PgError as e:
-            client.write(m.error_response(e) + m.ready_for_query(b"I"))
-            return
-        try:
-            conns = await take_connections([client.proxy.pool_for(s) for s in self.shards])
-        except PgError as e:
-            client.write(m.error_response(e) + m.ready_for_query(b"I"))
-            return
-        self.calls = [ShardCall(i, conn, self._messages) for i, conn in enumerate(conns)]
-        try:
-            for conn in conns:
-                await apply_settings(conn, client.settings)
-            begin = m.query("BEGIN") if transactional else b""
-            await self._phase(begin + request, 2 if transactional else 1)
-            if transactional:
-                ok = not self.errors
-                await self._phase(m.query("COMMIT" if ok else "ROLLBACK"), 1)
-        except ShardFailure as e:
-            self.errors.append(e.error)
-        finally:
-            for call in self.calls:
-                call.give_back()
-        client.write(self._reply())
-
-    def _request(self) -> bytes:
-        if self.simple:
-            return m.query(self.sql)
-        kinds = [k for k, _ in self.unit]
-        if kinds[-1] != ord("S") or kinds[-2] != ord("E") or not all(
-                k in (ord("D"), ord("H")) for k in kinds[1:-2]):
-            raise PgError("0A000", "a statement that changes several shards must come as "
-                          "Bind, Describe (optional), Execute, then Sync",
-                          hint="send it with the simple query protocol")
-        params, _, _ = bind_parts(self.unit[0][1])
-        types = b"".join(_LEN.pack(t) for t in self.param_types)
-        return (m.message(b"P", b"\x00" + self.sql + b"\x00" + _I16.pack(len(self.param_types))
-                          + types)
-                + m.message(b"B", b"\x00\x00" + params + b"\x00\x00")
-                + m.message(b"D", b"P\x00") + m.message(b"E", b"\x00\x00\x00\x00\x00")
-                + m.SYNC)
-
-    async def _phase(self, data: bytes, replies: int) -> None:
-        """Send `data` to every shard and wait for `replies` ReadyForQuery from each."""
-        self.phase_done = asyncio.get_running_loop().create_future()
-        self.pending = replies * len(self.calls)
-        for call in self.calls:
-            call.ready = False
-            call.conn.sink = call
-            call.conn.write(data)
-        await self.phase_done
-        for call in self.calls:
-            if call.lost:
-                raise ShardFailure(call.error or PgError("08006", f"lost shard {call.shard}"))
-
-    def _messages(self, call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
-        for kind, body in msgs:
-            if kind == 0x43:  # C
-                tag = body[:-1]
-                if tag not in (b"BEGIN", b"COMMIT", b"ROLLBACK"):
-                    self.tags[call.index] = tag
-            elif kind == 0x45:  # E
-                self.errors.append(shard_error(call.shard, body))
-            elif kind == 0x54 or kind == 0x6E:  # T, n
-                if self.description is None:
-                    self.description = m.message(bytes([kind]), body)
-            elif kind == 0x5A:  # Z
-                self.pending -= 1
-                call.ready = True
-            elif kind == 0x4E:  # a notice
-                self.client.write(m.message(b"N", body))
-        if call.lost:
-            self.pending = 0
-        if self.pending <= 0 and self.phase_done is not None and not self.phase_done.done():
-            self.phase_done.set_result(None)
-
-    def _reply(self) -> bytes:
-        out = [] if self.simple else [m.BIND_COMPLETE]
-        if self.errors:
-            return b"".join(out) + m.error_response(self.errors[0]) + m.ready_for_query(b"I")
-        if not self.simple and any(k == ord("D") for k, _ in self.unit):
-            out.append(self.description or m.NO_DATA)
-        out.append(m.message(b"C", self._tag() + b"\x00"))
-        out.append(m.ready_for_query(b"I"))
-        return b"".join(out)
-
-    def _tag(self) -> bytes:
-        tags = list(self.tags.values())
-        if not tags:
-            return b"COMMIT"
-        counted = [_TAG_COUNT.match(t) for t in tags]
-        if self.same_rows or not all(counted):
-            return tags[0]
-        total = sum(int(c.group(2)) for c in counted if c is not None)
-        first = counted[0]
-        assert first is not None
-        return first.group(1) + b" " + str(total).encode()

@@ -13,7 +13,7 @@ import signal
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 from .. import __version__
 from ..config.load import load_config
@@ -38,7 +38,21 @@ from ..router.plan import (
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
 from .directory import Directory
-from .fanout import Broadcast, query_rows, quote_literal, show
+from .distributed import (
+    DEADLOCK_CHECK_INTERVAL,
+    Coordinator,
+    DistributedStatement,
+    LockOwner,
+    Participant,
+    ShardTransaction,
+    check_deadlocks,
+    deadlock_error,
+    follow_savepoints,
+    run_all,
+    statement_reply,
+    statement_request,
+)
+from .fanout import apply_settings, query_rows, quote_literal, show
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -71,6 +85,8 @@ _BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
 # First words of the queries the proxy may answer itself (see _local_query).
 _LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
                 b"abort")
+# First words of transaction control the proxy follows inside transactions.
+_TX_WORDS = (b"commit", b"end", b"rollback", b"abort", b"savepoint", b"release")
 _SHOW_ROUTE = re.compile(rb"(?is)^\s*show\s+route\s+for\s+(.+?)\s*;?\s*$")
 # A BEGIN the proxy may answer itself and send later, with the first statement's shard.
 _PLAIN_BEGIN = re.compile(
@@ -121,6 +137,9 @@ class ClientConnection(asyncio.Protocol):
         # The last unnamed Parse (its body after the name) and the connection that has it.
         self.unnamed: tuple[bytes, ServerConnection] | None = None
         self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
+        self.tx_begin: bytes | None = None  # the client's BEGIN, for shards joining later
+        self.tx: ShardTransaction | None = None  # a transaction on several shards
+        self.savepoints: list[str] = []  # the open savepoints of the client's transaction
         self.shard_session: str | None = None  # SET shardwire.shard
         self.shard_local: str | None = None  # SET LOCAL shardwire.shard
         self.key_session: str | None = None
@@ -573,6 +592,15 @@ class ClientConnection(asyncio.Protocol):
         if plan is not None:  # a Query or Bind already planned by _route_unit
             self._execute(plan, (kind, body), ends_unit=kind == _Q)
             return True
+        if kind == _Q and (server is not None or self.begin_sql is not None) and (
+                body.lstrip()[:9].lower().startswith(_TX_WORDS)):
+            analyses = router.prepared(body[:-1])
+            if len(analyses) == 1 and analyses[0].kind is Kind.TRANSACTION:
+                words = analyses[0].words
+                if self.tx is not None:
+                    return self._tx_control(words, body[:-1], [(kind, body)])
+                if words and words[0] in ("savepoint", "release", "rollback"):
+                    follow_savepoints(self.savepoints, words, body[:-1])
         if kind == _Q:
             sql = body[:-1]
             local = self._local_query(sql)
@@ -715,17 +743,182 @@ class ClientConnection(asyncio.Protocol):
                 f"{target}", hint="keep session state (temporary tables, LISTEN, advisory "
                 "locks, SQL PREPARE, SET ROLE) out of sessions that use several shards, or "
                 "use transaction pooling; see docs/pooling.md"), msg, ends_unit=ends_unit)
+        elif server.link.status == b"E":
+            self._write_server([msg])  # the transaction has failed: the server says so
+        elif server.link.busy or self.portal_open:
+            # The statement before it is still running (or its batch is open): this one
+            # goes to its shard once that is answered.
+            if server.link.open_batch_only:  # a Parse (psycopg's unnamed one) without Sync
+                server.write(server.link.end_batch_quietly())
+                self.portal_open = False
+            self.waiting = self.retry = True
+            self.queries -= 1
         else:
-            self._refuse(PgError(
-                "0A000", f"this transaction runs on shard {server.pool.shard}, and the "
-                f"statement needs shard {target}; transactions across shards are not "
-                "supported by this version of Shardwire",
-                hint="keep each transaction on the keys of one shard"), msg,
-                ends_unit=ends_unit)
+            self._switch_shard(target, msg)
+
+    # -- transactions on several shards ---------------------------------------------------
+    #
+    # A transaction starts on the shard of its first statement, as on one server. A statement
+    # for another shard makes it a ShardTransaction: that shard's connection joins (BEGIN as
+    # the client wrote it, and the savepoints still open), and each statement goes to the
+    # connection of its shard. COMMIT, ROLLBACK and savepoints go to every participant;
+    # COMMIT through the coordinator (two-phase commit when two or more shards wrote).
+
+    def _switch_shard(self, target: str, msg: tuple[int, bytes]) -> None:
+        server = self.server
+        assert server is not None
+        tx = self.tx
+        if tx is None:
+            tx = self.tx = ShardTransaction(self.tx_begin or b"BEGIN", server, self.savepoints)
+        conn = tx.conns.get(target)
+        if conn is None:
+            pool = self.proxy.pool_for(target)
+            conn = pool.try_acquire()
+            if conn is None:
+                self.waiting = self.retry = True
+                self.queries -= 1
+                asyncio.get_running_loop().create_task(self._join(pool))
+                return
+            self._join_with(conn)
+        self.server = tx.conns[target]
+        self.pool = self.server.pool
+        self._write_server([msg])
+
+    async def _join(self, pool: Pool) -> None:
+        try:
+            conn = await pool.acquire()
+        except PgError as e:
+            self.waiting = self.retry = False
+            msg = self.backlog.pop(0)
+            self._refuse(e, msg, ends_unit=msg[0] == _Q)
+            self._resume()
+            return
+        if self.closed or self.tx is None:
+            pool.release(conn)
+            return
+        self._join_with(conn)
+        self._resume()
+
+    def _join_with(self, conn: ServerConnection) -> None:
+        """`conn` joins the transaction: the client's settings, its BEGIN, its savepoints."""
+        tx = self.tx
+        assert tx is not None
+        tx.conns[conn.pool.shard] = conn
+        conn.client = self
+        link = conn.link
+        out = link.settings_query(self.settings) or b""
+        out += link.internal_query(tx.begin.decode("utf-8", "replace"))
+        for name in tx.savepoints:
+            out += link.internal_query(f"SAVEPOINT {name}")
+        conn.write(out)
+
+    def _tx_control(self, words: tuple[str, ...], sql: bytes,
+                    unit: list[tuple[int, bytes]]) -> bool:
+        """COMMIT, ROLLBACK or a savepoint command in a transaction on several shards: every
+        participant gets it. False while the current statement is still running."""
+        server = self.server
+        if server is not None and server.link.busy:
+            log.debug("client %s: %s waits for shard %s", self.addr, words[0],
+                      server.pool.shard)
+            self.waiting = True
+            return False
+        log.debug("client %s: %s on %s", self.addr, " ".join(words), ", ".join(
+            f"{shard} ({c.pid}, {c.link.status!r})" for shard, c in (self.tx.conns.items()
+                                                                  if self.tx else ())))
+        self.waiting = True
+        self.state = "active"
+
+        async def run() -> None:
+            try:
+                self.write(await self._run_tx_control(words, sql, unit))
+            except Exception:
+                log.exception("transaction control on several shards failed")
+                self.write(m.error_response(PgError(
+                    "XX000", "internal error ending a transaction on several shards"))
+                    + m.ready_for_query(b"I"))
+                self._end_tx()
+            finally:
+                if not self.closed:
+                    self._resume()
+
+        asyncio.get_running_loop().create_task(run())
+        return True
+
+    async def _run_tx_control(self, words: tuple[str, ...], sql: bytes,
+                              unit: list[tuple[int, bytes]]) -> bytes:
+        tx = self.tx
+        assert tx is not None
+        parts = [Participant(conn, status=conn.link.status) for conn in tx.conns.values()]
+        head = b"" if unit[0][0] == _Q else m.BIND_COMPLETE
+        coordinator = self.proxy.coordinator
+        word = words[0]
+        is_savepoint = word in ("savepoint", "release") or (
+            word == "rollback" and len(words) > 1 and words[1] == "to") or (
+            word == "rollback" and len(words) > 2 and words[2] == "to")
+        if not is_savepoint:
+            if word in ("commit", "end"):
+                tag, error = await coordinator.commit(parts)
+            else:
+                await coordinator.rollback(parts)
+                tag, error = b"ROLLBACK", None
+            for part in parts:
+                part.give_back()
+            self._end_tx(released=True)
+            if error is not None:
+                return head + m.error_response(error) + m.ready_for_query(b"I")
+            return head + m.message(b"C", tag + b"\x00") + m.ready_for_query(b"I")
+        replies = await run_all(parts, m.query(sql))
+        for part in parts:
+            part.detach()
+        errors = [e for r in replies for e in r.errors]
+        if not errors:
+            follow_savepoints(tx.savepoints, words, sql)
+        status = b"E" if any(p.status == b"E" for p in parts) else b"T"
+        if errors:
+            return head + m.error_response(errors[0]) + m.ready_for_query(status)
+        return head + m.message(b"C", replies[0].tag + b"\x00") + m.ready_for_query(status)
+
+    def lock_owner(self) -> LockOwner | None:
+        """This client's transaction as the deadlock check sees it, if one is open. One on
+        a single shard counts as the oldest: never the victim (its shard sees its own
+        deadlocks)."""
+        tx = self.tx
+        if tx is not None:
+            return LockOwner(tx.started, {(shard, c.pid): c for shard, c in tx.conns.items()},
+                             self._deadlock_victim)
+        server = self.server
+        if server is not None and server.link.status != b"I":
+            return LockOwner(0.0, {(server.pool.shard, server.pid): server},
+                             self._deadlock_victim)
+        return None
+
+    def _deadlock_victim(self, shard: str, conn: ServerConnection) -> None:
+        """Chosen to end a deadlock across shards: the statement waiting on `conn` is
+        cancelled and fails with 40P01."""
+        if conn.closed:
+            return
+        error = m.error_response(deadlock_error(list(self.tx.conns) if self.tx else [shard]))
+        if conn.link.replace_running_error(error):
+            address = conn.pool.address
+            asyncio.get_running_loop().create_task(
+                send_cancel(address.host, address.port, conn.pid, conn.secret))
+
+    def _end_tx(self, *, released: bool = False) -> None:
+        tx, self.tx = self.tx, None
+        self.tx_begin = None
+        self.savepoints = []
+        self.shard_local = self.key_local = None
+        self.server = None
+        self.state = "idle"
+        if tx is not None and not released:
+            for conn in tx.conns.values():
+                conn.client = None
+                conn.pool.release(conn)  # closed: it is inside a transaction
 
     def _multi(self, plan: MultiShard, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
-        """A statement for several shards: checked here, then run (by a Broadcast or a
-        ScatterRead) once its unit, the Query or the Bind up to its Sync, is complete."""
+        """A statement for several shards: checked here, then run (a DistributedStatement, a
+        statement of a transaction on several shards, or a ScatterRead) once its unit, the
+        Query or the Bind up to its Sync, is complete."""
         server = self.server
         if server is None and self.batch:
             # Parse/Describe held back before this Bind: the default shard answers them first.
@@ -735,22 +928,17 @@ class ClientConnection(asyncio.Protocol):
                 self.retry = True  # waiting for a connection: the Bind comes again
                 self.queries -= 1
                 return
-        if server is not None and self.pinned is None and server.link.status == b"I" and (
-                not self.portal_open):
+        if server is not None and (server.link.busy or self.portal_open or (
+                self.pinned is None and server.link.status == b"I")):
+            # Wait for that connection to answer (and, outside a transaction, to go back to
+            # its pool; an open Parse/Describe batch is closed quietly first).
             if server.link.open_batch_only:
                 server.write(server.link.end_batch_quietly())
-            self.waiting = self.retry = True  # once that connection is back in its pool
+                self.portal_open = False
+            self.waiting = self.retry = True
             self.queries -= 1
             return
         shards = ", ".join(plan.shards)
-        if server is not None or self.begin_sql is not None:
-            self._refuse(PgError(
-                "0A000", f"the statement needs several shards ({shards}) inside a "
-                "transaction; this version of Shardwire runs statements across shards only "
-                "outside transactions", hint="run it outside the transaction block, or add a "
-                "condition on the sharding key that selects one shard"), msg,
-                ends_unit=ends_unit)
-            return
         kind, body = msg
         param_types: tuple[int, ...] = ()
         if kind == _Q:
@@ -760,21 +948,42 @@ class ClientConnection(asyncio.Protocol):
             _, param_types, sql = self.analyses[statement]
         analyses = self.proxy.router.prepared(sql)
         a = analyses[0]
+        in_transaction = (server is not None and server.link.status != b"I") or (
+            self.begin_sql is not None)
         if len(analyses) != 1:
             self._refuse(PgError(
                 "0A000", f"a query string with several statements needs several shards "
                 f"({shards}); Shardwire runs statements across shards one at a time",
                 hint="send the statements one by one"), msg, ends_unit=ends_unit)
             return
-        if a.kind in (Kind.DDL, Kind.MAINTENANCE):
-            def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
-                return Broadcast(self, plan.shards, sql, unit, param_types=param_types).run()
-        elif plan.write:
+        if server is not None and server.link.status == b"E":
+            self._write_server([msg])  # the transaction has failed: the server says so
+            return
+        if a.insert_keys is not None and a.rule is not None and plan.write:
             self._refuse(PgError(
-                "0A000", f"the statement writes on several shards ({shards}); writes across "
-                "shards need distributed transactions, which this version of Shardwire does "
-                "not run yet", hint="write the rows of one shard per statement (one key, or "
-                "keys of one shard)"), msg, ends_unit=ends_unit)
+                "0A000", f"the INSERT has rows for several shards ({shards}); this version "
+                "of Shardwire does not split a multi-row INSERT by shard yet",
+                hint="insert the rows of each shard in a statement of their own (in one "
+                "transaction, they commit together)"), msg, ends_unit=ends_unit)
+            return
+        same_rows = plan.write and a.rule is None  # writes to reference tables
+        if plan.write or a.kind in (Kind.DDL, Kind.MAINTENANCE):
+            if in_transaction:
+                def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                    return self._run_in_transaction(plan.shards, sql, unit, param_types,
+                                                    same_rows=same_rows)
+            else:
+                def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                    return DistributedStatement(self, plan.shards, sql, unit,
+                                                param_types=param_types, same_rows=same_rows,
+                                                wrote=plan.write or a.kind is Kind.DDL).run()
+        elif in_transaction:
+            self._refuse(PgError(
+                "0A000", f"the query needs rows from several shards ({shards}) inside a "
+                "transaction block; this version of Shardwire merges reads across shards "
+                "only outside transaction blocks", hint="run the query outside the "
+                "transaction, or add a condition on the sharding key that selects one "
+                "shard"), msg, ends_unit=ends_unit)
             return
         else:
             try:
@@ -791,6 +1000,53 @@ class ClientConnection(asyncio.Protocol):
             self._run_multi([msg])
         else:
             self.multi_unit = [msg]
+
+    async def _run_in_transaction(self, shards: Sequence[str], sql: bytes,
+                                  unit: list[tuple[int, bytes]], param_types: Sequence[int],
+                                  *, same_rows: bool) -> None:
+        """A statement for several shards inside the client's transaction: each shard's
+        connection joins the transaction if it has not yet, and runs it."""
+        try:
+            request = statement_request(sql, unit, param_types)
+        except PgError as e:
+            self.write(m.error_response(e) + m.ready_for_query(self._status()))
+            return
+        tx = self.tx
+        if tx is None:
+            begin = self.tx_begin or self.begin_sql or b"BEGIN"
+            tx = self.tx = ShardTransaction(begin, self.server, self.savepoints)
+            self.begin_sql = None
+        joining: set[str] = set()
+        for shard in sorted(shards):
+            if shard not in tx.conns:
+                conn = await self.proxy.pool_for(shard).acquire()
+                if self.closed:
+                    conn.pool.release(conn)
+                    return
+                await apply_settings(conn, self.settings)
+                tx.conns[shard] = conn
+                conn.client = self
+                joining.add(shard)
+        parts = [Participant(tx.conns[shard], status=tx.conns[shard].link.status)
+                 for shard in sorted(shards)]
+        first, count = tx.joining_queries()
+        replies = await asyncio.gather(*(
+            p.run(first + request, count + 1) if p.shard in joining else p.run(request)
+            for p in parts))
+        for part in parts:
+            part.detach()
+            part.wrote = True
+        if self.server is None:
+            self.server = parts[0].conn
+            self.pool = self.server.pool
+        status = b"E" if any(c.link.status == b"E" for c in tx.conns.values()) else b"T"
+        out = [] if unit[0][0] == _Q else [m.BIND_COMPLETE]
+        errors = [e for r in replies for e in r.errors]
+        if errors:
+            self.write(b"".join(out) + m.error_response(errors[0]) + m.ready_for_query(b"E"))
+            return
+        self.write(b"".join(out) + statement_reply(unit, replies, same_rows=same_rows)
+                   + m.ready_for_query(status))
 
     def _run_multi(self, unit: list[tuple[int, bytes]]) -> None:
         start, self.multi_start = self.multi_start, None
@@ -920,11 +1176,11 @@ class ClientConnection(asyncio.Protocol):
             return None
         word = a.words[0] if a.words else ""
         if word in ("begin", "start") and self.begin_sql is None and _PLAIN_BEGIN.match(sql):
-            self.begin_sql = sql
+            self.begin_sql = self.tx_begin = sql
             return m.command_complete("BEGIN")
         if self.begin_sql is not None and word in ("commit", "end", "rollback", "abort") and (
                 len(a.words) == 1 or a.words[1] in ("work", "transaction")):
-            self.begin_sql = None
+            self.begin_sql = self.tx_begin = None
             self.shard_local = self.key_local = None
             return m.command_complete("COMMIT" if word in ("commit", "end") else "ROLLBACK")
         return None
@@ -961,8 +1217,11 @@ class ClientConnection(asyncio.Protocol):
 
     def server_ready(self, conn: ServerConnection) -> None:
         """The server answered everything sent so far."""
-        if conn.link.status == b"I":
+        if conn.link.status == b"I" and self.tx is None:
             self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
+            self.tx_begin = None
+            if self.savepoints:
+                self.savepoints = []
             if self.pinned is None:
                 self.server = None
                 self.state = "idle"
@@ -1001,6 +1260,9 @@ class ClientConnection(asyncio.Protocol):
         self._let_go_of_server()
 
     def _let_go_of_server(self) -> None:
+        if self.tx is not None:
+            self._end_tx()  # each participant is closed: its transaction dies with it
+            return
         conn, self.server = self.server, None
         if conn is None:
             return
@@ -1027,7 +1289,11 @@ class Proxy:
         self._server: asyncio.AbstractServer | None = None
         self._next_pid = 1
         self._maintenance: asyncio.Task[None] | None = None
+        self._recovering: asyncio.Task[None] | None = None
+        self._deadlocks: asyncio.Task[None] = None  # type: ignore[assignment]
+        self.distributed_running: set[DistributedStatement] = set()
         self._collation: str | None = None
+        self.coordinator = Coordinator(self)
         self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
         self._apply_config(config)
 
@@ -1039,6 +1305,7 @@ class Proxy:
         self.routing = smap.sharded  # False: everything goes to the default shard, unrouted
         old_directory = getattr(self, "directory", None)
         self.directory = Directory(config.catalog, smap)
+        self._decisions_for(config)
         # The context of a session that named no shard or key (see RouteContext).
         self.no_context = RouteContext(shard=None, key=None, lookups=self.directory.caches)
         if old_directory is not None:
@@ -1062,6 +1329,22 @@ class Proxy:
         else:
             self.tls_context = None
 
+    def _decisions_for(self, config: Config) -> None:
+        """The two-phase-commit decision log: in the catalog database, or without one, in
+        the default shard's database (docs/transactions.md)."""
+        from .twophase import DecisionLog, Recovery, decision_address
+        where = decision_address(config)
+        old = getattr(self, "decision_log", None)
+        timeout = config.transactions.decision_timeout
+        if old is not None and old.address == where:
+            old.timeout = timeout
+            self.recovery.config = config  # type: ignore[has-type]
+            return
+        self.decision_log = DecisionLog(where, timeout=timeout)
+        self.recovery = Recovery(config, self.decision_log, self.coordinator.instance)
+        if old is not None:
+            asyncio.get_running_loop().create_task(old.close())
+
     def pool_for(self, shard: str) -> Pool:
         return self.pools[f"{shard}/primary"]
 
@@ -1076,7 +1359,47 @@ class Proxy:
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True,
             backlog=1024)
         self._maintenance = loop.create_task(self._maintain())
+        self._recovering = loop.create_task(self._recover())
+        self._deadlocks = loop.create_task(self._watch_deadlocks())
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
+
+    async def _watch_deadlocks(self) -> None:
+        """Deadlocks through several shards, which no shard sees (distributed.py)."""
+        while True:
+            await asyncio.sleep(DEADLOCK_CHECK_INTERVAL)
+            if not self.distributed_running and not any(
+                    c.tx is not None for c in self.clients):
+                continue
+            # Transactions on one shard take part too: a cycle may pass through them.
+            owners = [owner for c in self.clients if (owner := c.lock_owner()) is not None]
+            owners += [s.lock_owner() for s in self.distributed_running]
+            try:
+                victim = await check_deadlocks(self, owners)
+            except Exception:
+                log.exception("deadlock check failed")
+                continue
+            if victim is not None:
+                log.info("deadlock across shards: cancelled the youngest transaction")
+
+    async def _recover(self) -> None:
+        """Finish the prepared transactions a crash left on the shards: at start-up, then
+        every transactions.recovery_interval seconds (twophase.py)."""
+        from .twophase import check_shards
+        try:
+            for problem in await check_shards(self.config):
+                log.warning("%s", problem)
+        except Exception:
+            log.exception("checking the shards' max_prepared_transactions failed")
+        while True:
+            settings = self.config.transactions
+            try:
+                report = await self.recovery.run_once(min_age=settings.recovery_min_age)
+                if report.committed or report.rolled_back:
+                    log.info("recovery: committed %d, rolled back %d prepared transactions",
+                             len(report.committed), len(report.rolled_back))
+            except Exception:
+                log.exception("recovery pass failed")
+            await asyncio.sleep(settings.recovery_interval)
 
     @property
     def port(self) -> int:
@@ -1091,6 +1414,9 @@ class Proxy:
     async def close(self) -> None:
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self._recovering is not None:
+            self._recovering.cancel()
+            self._deadlocks.cancel()
         if self._server is not None:
             self._server.close()
         for client in list(self.clients):
@@ -1099,6 +1425,7 @@ class Proxy:
         for pool in self.pools.values():
             pool.close()
         await self.directory.close()
+        await self.decision_log.close()
 
     def reload(self) -> list[str]:
         """Load the config file again. Returns the problems; the old config stays on error."""

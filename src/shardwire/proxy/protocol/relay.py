@@ -219,6 +219,14 @@ class ServerLink:
             return bind + m.SYNC
         return bind
 
+    def replace_running_error(self, error: bytes) -> bool:
+        """Show `error` (a whole ErrorResponse) in place of the error the unit running now
+        will end with, if any (a statement the proxy cancels, say). False: nothing runs."""
+        if not self._units:
+            return False
+        self.replace_errors[self._units[0][0]] = error
+        return True
+
     def forget_session_state(self) -> None:
         """After DISCARD ALL: nothing is prepared and the settings are the server's defaults."""
         self.prepared.clear()

@@ -1,0 +1,231 @@
+"""Transactions across shards, end to end: session transactions that join shards lazily,
+savepoints, the aborted state, statements that write on several shards, and two-phase commit
+(checked on each shard's own connection: rows, and no prepared transaction left behind)."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import APP_PASSWORD, PROXY_ENV, assert_nothing_left_behind, base_config, on_shard
+
+from shardwire.testing import PostgresCluster
+from shardwire.testing.proxy import ProxyProcess
+
+SUFFIX = uuid.uuid4().hex[:8]
+ACCOUNTS = f"tx_accounts_{SUFFIX}"
+RATES = f"tx_rates_{SUFFIX}"  # a reference table
+TENANT_SHARD = {1: 0, 2: 1, 3: 2}  # tenant -> index of its shard cluster
+
+
+def shard_map() -> dict[str, Any]:
+    return {
+        "rules": {"tx_by_tenant": {"kind": "tenant", "column": "tenant_id", "type": "integer",
+                                   "tables": [ACCOUNTS], "tenants": {1: "s1", 2: "s2", 3: "s3"},
+                                   "default": "s1"}},
+        "reference": [RATES],
+    }
+
+
+def start_proxy(shards: list[PostgresCluster], workdir: Any, *, recovery_min_age: float = 60,
+                **env: str) -> ProxyProcess:
+    cfg = base_config(shards)
+    cfg["sharding"] = shard_map()
+    cfg["transactions"] = {"recovery_min_age": recovery_min_age, "recovery_interval": 1}
+    return ProxyProcess(cfg, workdir, env={**PROXY_ENV, **env}).start()
+
+
+@pytest.fixture(scope="module")
+def tables(shards: list[PostgresCluster]) -> Iterator[None]:
+    for cluster in shards:
+        on_shard(cluster, f"create table {ACCOUNTS} (id int primary key, tenant_id int, "
+                          "balance int not null check (balance >= 0))")
+        on_shard(cluster, f"create table {RATES} (code text primary key, rate numeric)")
+    yield
+    for cluster in shards:
+        on_shard(cluster, f"drop table if exists {ACCOUNTS}, {RATES}")
+
+
+@pytest.fixture
+def fresh(tables: None, shards: list[PostgresCluster]) -> None:
+    for tenant, index in TENANT_SHARD.items():
+        cluster = shards[index]
+        on_shard(cluster, f"delete from {ACCOUNTS}")
+        on_shard(cluster, f"delete from {RATES}")
+        on_shard(cluster, f"insert into {ACCOUNTS} values (%s, %s, 100), (%s, %s, 100)",
+                 [tenant * 10, tenant, tenant * 10 + 1, tenant])
+
+
+@pytest.fixture(scope="module")
+def tx_proxy(shards: list[PostgresCluster], tables: None,
+             tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProxyProcess]:
+    proc = start_proxy(shards, tmp_path_factory.mktemp("tx-proxy"))
+    yield proc
+    proc.stop()
+
+
+def balances(shards: list[PostgresCluster]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for cluster in shards:
+        out.update(dict(on_shard(cluster, f"select id, balance from {ACCOUNTS}")))
+    return out
+
+
+def prepared_left(shards: list[PostgresCluster]) -> list[Any]:
+    return [row for c in shards for row in on_shard(
+        c, "select gid from pg_prepared_xacts where gid like 'shardwire%'")]
+
+
+def test_a_transaction_joins_shards_and_commits_on_all(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD)) as conn:
+        conn.execute(f"update {ACCOUNTS} set balance = balance - 30 where tenant_id = 1 "
+                     "and id = 10")
+        conn.execute(f"update {ACCOUNTS} set balance = balance + 30 where tenant_id = 2 "
+                     "and id = 20")
+        assert conn.execute(f"select balance from {ACCOUNTS} where tenant_id = 1 and id = 10"
+                            ).fetchone() == (70,)
+        # before COMMIT, nothing is visible from outside
+        assert balances(shards)[20] == 100
+        conn.commit()
+    assert balances(shards) == {10: 70, 11: 100, 20: 130, 21: 100, 30: 100, 31: 100}
+    assert prepared_left(shards) == []
+    assert_nothing_left_behind(tx_proxy, shards)
+
+
+def test_rollback_and_the_aborted_state(tx_proxy: ProxyProcess,
+                                        shards: list[PostgresCluster], fresh: None) -> None:
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD)) as conn:
+        conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 1")
+        conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 2")
+        conn.rollback()
+        assert balances(shards)[10] == 100 and balances(shards)[20] == 100
+        conn.execute(f"update {ACCOUNTS} set balance = 50 where tenant_id = 1")
+        with pytest.raises(psycopg.errors.CheckViolation):  # on s3, which joins now
+            conn.execute(f"update {ACCOUNTS} set balance = -1 where tenant_id = 3")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute(f"select 1 from {ACCOUNTS} where tenant_id = 2")
+        conn.commit()  # PostgreSQL answers COMMIT in a failed transaction with ROLLBACK
+    assert balances(shards) == {i: 100 for i in (10, 11, 20, 21, 30, 31)}
+    assert prepared_left(shards) == []
+    assert_nothing_left_behind(tx_proxy, shards)
+
+
+def test_savepoints_reach_shards_that_join_later(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute(f"update {ACCOUNTS} set balance = 1 where tenant_id = 1")
+        conn.execute("savepoint a")
+        conn.execute(f"update {ACCOUNTS} set balance = 2 where tenant_id = 2")  # joins now
+        conn.execute(f"update {ACCOUNTS} set balance = 2 where tenant_id = 1")
+        conn.execute("rollback to savepoint a")
+        conn.execute("savepoint b")
+        conn.execute(f"update {ACCOUNTS} set balance = 3 where tenant_id = 3")  # joins now
+        conn.execute("release savepoint b")
+        conn.execute("commit")
+    assert balances(shards) == {10: 1, 11: 1, 20: 100, 21: 100, 30: 3, 31: 3}
+    assert prepared_left(shards) == []
+
+
+def test_statements_without_a_key_write_every_shard_atomically(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        cur = conn.execute(f"update {ACCOUNTS} set balance = balance + 1")
+        assert cur.rowcount == 6
+        cur = conn.execute(f"insert into {RATES} values ('eur', 1.0), ('usd', 0.9) "
+                           "returning code")
+        assert sorted(cur.fetchall()) == [("eur",), ("usd",)] and cur.rowcount == 2
+        # 121 breaks the check constraint on one shard only: no shard changes
+        on_shard(shards[2], f"update {ACCOUNTS} set balance = 0 where id = 31")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute(f"update {ACCOUNTS} set balance = balance - 1")
+        # inside a transaction too
+        conn.execute("begin")
+        conn.execute(f"update {ACCOUNTS} set balance = balance * 2 where balance > 0")
+        conn.execute(f"delete from {RATES} where code = 'usd'")
+        conn.execute("commit")
+    assert balances(shards) == {10: 202, 11: 202, 20: 202, 21: 202, 30: 202, 31: 0}
+    for cluster in shards:
+        assert on_shard(cluster, f"select code from {RATES}") == [("eur",)]
+    assert prepared_left(shards) == []
+    assert_nothing_left_behind(tx_proxy, shards)
+
+
+@pytest.mark.parametrize("point,committed", [
+    ("after_prepare", False), ("after_decision", True), ("mid_commit", True)])
+def test_a_crash_during_two_phase_commit_is_finished_by_recovery(
+        point: str, committed: bool, shards: list[PostgresCluster], fresh: None,
+        tmp_path: Any) -> None:
+    crashing = start_proxy(shards, tmp_path / "crash", SHARDWIRE_FAULT=point)
+    try:
+        with pytest.raises(psycopg.OperationalError):
+            with psycopg.connect(crashing.dsn("app", APP_PASSWORD)) as conn:
+                conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 1")
+                conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 2")
+                conn.commit()
+        assert crashing.proc is not None and crashing.proc.wait(10) != 0
+    finally:
+        crashing.kill()
+    assert prepared_left(shards), "the crash should leave prepared transactions"
+    # A proxy starting up finishes them (undecided ones once older than the safety margin).
+    restarted = start_proxy(shards, tmp_path / "restart", recovery_min_age=0)
+    try:
+        deadline = time.monotonic() + 15
+        while prepared_left(shards) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert prepared_left(shards) == []
+        expected = 0 if committed else 100
+        got = balances(shards)
+        assert (got[10], got[11], got[20], got[21]) == (expected,) * 4
+    finally:
+        restarted.stop()
+
+
+def test_bank_transfers_keep_the_total(tx_proxy: ProxyProcess,
+                                       shards: list[PostgresCluster], fresh: None) -> None:
+    """Concurrent transfers between accounts of different shards: every acknowledged transfer
+    applied once, the total unchanged, nothing left prepared."""
+    dsn = tx_proxy.dsn("app", APP_PASSWORD)
+    ids = [10, 11, 20, 21, 30, 31]
+    tenant = {i: i // 10 for i in ids}
+    before = sum(balances(shards).values())
+    done: list[int] = []
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        with psycopg.connect(dsn) as conn:
+            for _ in range(40):
+                a, b = rng.sample(ids, 2)
+                amount = rng.randint(1, 30)
+                try:
+                    conn.execute(f"update {ACCOUNTS} set balance = balance - %s where "
+                                 "tenant_id = %s and id = %s", [amount, tenant[a], a])
+                    conn.execute(f"update {ACCOUNTS} set balance = balance + %s where "
+                                 "tenant_id = %s and id = %s", [amount, tenant[b], b])
+                    conn.commit()
+                    done.append(amount)
+                except (psycopg.errors.CheckViolation, psycopg.errors.SerializationFailure,
+                        psycopg.errors.DeadlockDetected, psycopg.errors.TransactionRollback):
+                    conn.rollback()
+                except psycopg.Error as e:
+                    errors.append(repr(e))
+                    conn.rollback()
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors[:3]
+    assert len(done) > 20
+    assert sum(balances(shards).values()) == before
+    assert prepared_left(shards) == []
+    assert_nothing_left_behind(tx_proxy, shards)
