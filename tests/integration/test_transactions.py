@@ -21,13 +21,15 @@ from shardwire.testing.proxy import ProxyProcess
 SUFFIX = uuid.uuid4().hex[:8]
 ACCOUNTS = f"tx_accounts_{SUFFIX}"
 RATES = f"tx_rates_{SUFFIX}"  # a reference table
+TRANSFERS = f"tx_transfers_{SUFFIX}"  # each transfer, on the shard of its source account
 TENANT_SHARD = {1: 0, 2: 1, 3: 2}  # tenant -> index of its shard cluster
 
 
 def shard_map() -> dict[str, Any]:
     return {
         "rules": {"tx_by_tenant": {"kind": "tenant", "column": "tenant_id", "type": "integer",
-                                   "tables": [ACCOUNTS], "tenants": {1: "s1", 2: "s2", 3: "s3"},
+                                   "tables": [ACCOUNTS, TRANSFERS],
+                                   "tenants": {1: "s1", 2: "s2", 3: "s3"},
                                    "default": "s1"}},
         "reference": [RATES],
     }
@@ -47,9 +49,11 @@ def tables(shards: list[PostgresCluster]) -> Iterator[None]:
         on_shard(cluster, f"create table {ACCOUNTS} (id int primary key, tenant_id int, "
                           "balance int not null check (balance >= 0))")
         on_shard(cluster, f"create table {RATES} (code text primary key, rate numeric)")
+        on_shard(cluster, f"create table {TRANSFERS} (id text primary key, tenant_id int, "
+                          "src int, dst int, amount int)")
     yield
     for cluster in shards:
-        on_shard(cluster, f"drop table if exists {ACCOUNTS}, {RATES}")
+        on_shard(cluster, f"drop table if exists {ACCOUNTS}, {RATES}, {TRANSFERS}")
 
 
 @pytest.fixture
@@ -58,6 +62,7 @@ def fresh(tables: None, shards: list[PostgresCluster]) -> None:
         cluster = shards[index]
         on_shard(cluster, f"delete from {ACCOUNTS}")
         on_shard(cluster, f"delete from {RATES}")
+        on_shard(cluster, f"delete from {TRANSFERS}")
         on_shard(cluster, f"insert into {ACCOUNTS} values (%s, %s, 100), (%s, %s, 100)",
                  [tenant * 10, tenant, tenant * 10 + 1, tenant])
 
@@ -229,3 +234,157 @@ def test_bank_transfers_keep_the_total(tx_proxy: ProxyProcess,
     assert sum(balances(shards).values()) == before
     assert prepared_left(shards) == []
     assert_nothing_left_behind(tx_proxy, shards)
+
+
+def test_a_shard_lost_before_prepare_rolls_back_everywhere(
+        shards: list[PostgresCluster], tables: None, tmp_path: Any) -> None:
+    """A shard stopped before its PREPARE (killed between the statements and COMMIT): the
+    client gets an error, no shard commits, and once the shard is back nothing is left."""
+    victim = PostgresCluster(tmp_path / "pg", name="victim")
+    victim.init()
+    victim.start()
+    try:
+        victim.create_database("app")
+        on_shard(victim, f"create table {ACCOUNTS} (id int primary key, tenant_id int, "
+                         "balance int not null)")
+        on_shard(victim, f"insert into {ACCOUNTS} values (20, 2, 100)")
+        on_shard(shards[0], f"delete from {ACCOUNTS}")
+        on_shard(shards[0], f"insert into {ACCOUNTS} values (10, 1, 100)")
+        cfg = base_config(shards)
+        cfg["shards"]["s2"]["primary"] = victim.dsn("app")
+        cfg["sharding"] = shard_map()
+        proxy = ProxyProcess(cfg, tmp_path / "proxy", env=PROXY_ENV).start()
+        try:
+            with psycopg.connect(proxy.dsn("app", APP_PASSWORD)) as conn:
+                conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 1")
+                conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 2")
+                victim.kill()
+                with pytest.raises(psycopg.Error) as info:
+                    conn.commit()
+                assert info.value.sqlstate is None or info.value.sqlstate[:2] in (
+                    "40", "08", "57"), info.value
+            victim.start()
+            assert on_shard(shards[0], f"select balance from {ACCOUNTS}") == [(100,)]
+            assert on_shard(victim, f"select balance from {ACCOUNTS}") == [(100,)]
+            assert prepared_left([shards[0], victim]) == []
+            with psycopg.connect(proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+                assert conn.execute(f"select count(*) from {ACCOUNTS} where tenant_id = 2"
+                                    ).fetchone() == (1,)
+        finally:
+            proxy.stop()
+    finally:
+        victim.stop(mode="immediate")
+
+
+def test_the_catalog_unreachable_at_decision_time_aborts_cleanly(
+        shards: list[PostgresCluster], fresh: None, tmp_path: Any) -> None:
+    cfg = base_config(shards)
+    cfg["sharding"] = shard_map()
+    cfg["catalog"] = "postgresql://postgres@127.0.0.1:1/nowhere"
+    cfg["transactions"] = {"decision_timeout": 1}
+    proxy = ProxyProcess(cfg, tmp_path / "proxy", env=PROXY_ENV).start()
+    try:
+        with psycopg.connect(proxy.dsn("app", APP_PASSWORD)) as conn:
+            conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 1")
+            conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 2")
+            started = time.monotonic()
+            with pytest.raises(psycopg.errors.TransactionRollback) as info:
+                conn.commit()
+            assert time.monotonic() - started < 5
+            assert "decision" in str(info.value)
+            # the session goes on
+            assert conn.execute(f"select balance from {ACCOUNTS} where tenant_id = 1 "
+                                "and id = 10").fetchone() == (100,)
+            conn.rollback()
+        assert balances(shards) == {i: 100 for i in (10, 11, 20, 21, 30, 31)}
+        assert prepared_left(shards) == []
+    finally:
+        proxy.stop()
+
+
+def test_a_client_gone_mid_transaction_leaves_nothing(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    conn = psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD))
+    conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 1")
+    conn.execute(f"update {ACCOUNTS} set balance = 0 where tenant_id = 3")
+    conn.pgconn.finish()  # the socket closes without a word
+    assert_nothing_left_behind(tx_proxy, shards)
+    assert balances(shards) == {i: 100 for i in (10, 11, 20, 21, 30, 31)}
+    # the rows are not locked any more
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as other:
+        other.execute("set statement_timeout = '2s'")
+        assert other.execute(f"update {ACCOUNTS} set balance = 1").rowcount == 6
+
+
+def test_bank_transfers_survive_proxy_crashes(shards: list[PostgresCluster], fresh: None,
+                                              tmp_path: Any) -> None:
+    """Transfers between accounts of different shards while the proxy is killed (SIGKILL) at
+    random moments and started again: every acknowledged transfer is applied exactly once,
+    every account's balance is what the recorded transfers say, the total is unchanged, and
+    recovery leaves no prepared transaction."""
+    ids = [10, 11, 20, 21, 30, 31]
+    acknowledged: set[str] = set()
+    rng = random.Random(5)
+    for round_ in range(3):
+        proxy = start_proxy(shards, tmp_path / f"proxy{round_}", recovery_min_age=0)
+        dsn = proxy.dsn("app", APP_PASSWORD)
+        stop = threading.Event()
+
+        def worker(seed: int, dsn: str = dsn, stop: threading.Event = stop) -> None:
+            wrng = random.Random(seed)
+            try:
+                conn = psycopg.connect(dsn)
+            except psycopg.Error:
+                return
+            with conn:
+                while not stop.is_set():
+                    a, b = wrng.sample(ids, 2)
+                    amount = wrng.randint(1, 5)
+                    transfer = uuid.uuid4().hex
+                    try:
+                        conn.execute(f"update {ACCOUNTS} set balance = balance - %s where "
+                                     "tenant_id = %s and id = %s", [amount, a // 10, a])
+                        conn.execute(f"update {ACCOUNTS} set balance = balance + %s where "
+                                     "tenant_id = %s and id = %s", [amount, b // 10, b])
+                        conn.execute(f"insert into {TRANSFERS} (id, tenant_id, src, dst, "
+                                     "amount) values (%s, %s, %s, %s, %s)",
+                                     [transfer, a // 10, a, b, amount])
+                        conn.commit()
+                        acknowledged.add(transfer)
+                    except psycopg.OperationalError:
+                        return  # the proxy is gone
+                    except psycopg.Error:
+                        try:
+                            conn.rollback()
+                        except psycopg.Error:
+                            return
+
+        threads = [threading.Thread(target=worker, args=(round_ * 10 + i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        time.sleep(rng.uniform(1.0, 2.5))
+        proxy.kill()
+        stop.set()
+        for t in threads:
+            t.join(10)
+    # One more start: recovery finishes what the last crash left.
+    final = start_proxy(shards, tmp_path / "final", recovery_min_age=0)
+    try:
+        deadline = time.monotonic() + 15
+        while prepared_left(shards) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert prepared_left(shards) == []
+    finally:
+        final.stop()
+    recorded = [row for c in shards for row in on_shard(
+        c, f"select id, src, dst, amount from {TRANSFERS}")]
+    assert len(acknowledged) > 5
+    ids_recorded = [r[0] for r in recorded]
+    assert len(ids_recorded) == len(set(ids_recorded))
+    assert acknowledged <= set(ids_recorded)  # every acknowledged transfer, once
+    expected = {i: 100 for i in ids}
+    for _, src, dst, amount in recorded:
+        expected[src] -= amount
+        expected[dst] += amount
+    assert balances(shards) == expected
+    assert sum(balances(shards).values()) == 600
