@@ -388,3 +388,21 @@ def test_bank_transfers_survive_proxy_crashes(shards: list[PostgresCluster], fre
         expected[dst] += amount
     assert balances(shards) == expected
     assert sum(balances(shards).values()) == 600
+
+
+def test_commit_and_savepoints_through_the_extended_protocol(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    """JDBC sends COMMIT and SAVEPOINT as Parse/Bind/Execute: every shard gets them too."""
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute(f"update {ACCOUNTS} set balance = 7 where tenant_id = %s", [1])
+        conn.execute(f"update {ACCOUNTS} set balance = 7 where tenant_id = %s", [2])
+        conn.execute("savepoint s1", prepare=True)
+        conn.execute(f"update {ACCOUNTS} set balance = 8 where tenant_id = %s", [3])
+        conn.execute("rollback to savepoint s1", prepare=True)
+        conn.execute("commit", prepare=True)
+        assert conn.execute(f"select balance from {ACCOUNTS} where tenant_id = %s and id = %s",
+                            [2, 20]).fetchone() == (7,)
+    assert balances(shards) == {10: 7, 11: 7, 20: 7, 21: 7, 30: 100, 31: 100}
+    assert prepared_left(shards) == []
+    assert_nothing_left_behind(tx_proxy, shards)

@@ -630,6 +630,9 @@ class ClientConnection(asyncio.Protocol):
             if known is None:
                 self._forward((kind, body))  # the server says it does not exist
                 return True
+            if self.tx is not None and len(known[0]) == 1 and (
+                    known[0][0].kind is Kind.TRANSACTION):
+                return self._tx_control_bound(known[0][0].words, known[2], (kind, body))
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
             self._execute(plan, (kind, body), ends_unit=False)
@@ -844,12 +847,32 @@ class ClientConnection(asyncio.Protocol):
         asyncio.get_running_loop().create_task(run())
         return True
 
+    def _tx_control_bound(self, words: tuple[str, ...], sql: bytes,
+                          msg: tuple[int, bytes]) -> bool:
+        """The Bind of COMMIT, ROLLBACK or a savepoint command (JDBC sends them so) in a
+        transaction on several shards: run on every participant once its Sync has come."""
+        server = self.server
+        if server is not None and server.link.busy:
+            if server.link.open_batch_only:  # the statement's Parse went there, unsynced
+                server.write(server.link.end_batch_quietly())
+                self.portal_open = False
+            self.waiting = True
+            return False
+
+        async def start(unit: list[tuple[int, bytes]]) -> None:
+            self.write(await self._run_tx_control(words, sql, unit))
+
+        self.multi_start = start
+        self.multi_unit = [msg]
+        return True
+
     async def _run_tx_control(self, words: tuple[str, ...], sql: bytes,
                               unit: list[tuple[int, bytes]]) -> bytes:
         tx = self.tx
         assert tx is not None
         parts = [Participant(conn, status=conn.link.status) for conn in tx.conns.values()]
-        head = b"" if unit[0][0] == _Q else m.BIND_COMPLETE
+        head = b"" if unit[0][0] == _Q else m.BIND_COMPLETE + (
+            m.NO_DATA if any(k == ord("D") for k, _ in unit) else b"")
         coordinator = self.proxy.coordinator
         word = words[0]
         is_savepoint = word in ("savepoint", "release") or (
