@@ -406,3 +406,18 @@ def test_commit_and_savepoints_through_the_extended_protocol(
     assert balances(shards) == {10: 7, 11: 7, 20: 7, 21: 7, 30: 100, 31: 100}
     assert prepared_left(shards) == []
     assert_nothing_left_behind(tx_proxy, shards)
+
+
+def test_the_clients_own_two_phase_commands_are_refused_on_several_shards(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        conn.execute("begin")
+        conn.execute(f"update {ACCOUNTS} set balance = 1 where tenant_id = 1")
+        conn.execute(f"update {ACCOUNTS} set balance = 1 where tenant_id = 2")
+        with pytest.raises(psycopg.errors.FeatureNotSupported):
+            conn.execute("prepare transaction 'mine'")
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute(f"select 1 from {ACCOUNTS} where tenant_id = 2")
+        conn.execute("rollback")
+    assert balances(shards) == {i: 100 for i in (10, 11, 20, 21, 30, 31)}
+    assert on_shard(shards[0], "select count(*) from pg_prepared_xacts") == [(0,)]

@@ -86,7 +86,7 @@ _BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
 _LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
                 b"abort")
 # First words of transaction control the proxy follows inside transactions.
-_TX_WORDS = (b"commit", b"end", b"rollback", b"abort", b"savepoint", b"release")
+_TX_WORDS = (b"commit", b"end", b"rollback", b"abort", b"savepoint", b"release", b"prepare")
 _SHOW_ROUTE = re.compile(rb"(?is)^\s*show\s+route\s+for\s+(.+?)\s*;?\s*$")
 # A BEGIN the proxy may answer itself and send later, with the first statement's shard.
 _PLAIN_BEGIN = re.compile(
@@ -597,6 +597,14 @@ class ClientConnection(asyncio.Protocol):
             analyses = router.prepared(body[:-1])
             if len(analyses) == 1 and analyses[0].kind is Kind.TRANSACTION:
                 words = analyses[0].words
+                if self.tx is not None and (words[:1] == ("prepare",) or words[1:2] == (
+                        "prepared",)):
+                    self._refuse(PgError(
+                        "0A000", f"{' '.join(words[:2]).upper()} in a transaction on several "
+                        "shards: Shardwire runs two-phase commit itself for such "
+                        "transactions", hint="end the transaction with COMMIT"),
+                        (kind, body), ends_unit=True)
+                    return True
                 if self.tx is not None:
                     return self._tx_control(words, body[:-1], [(kind, body)])
                 if words and words[0] in ("savepoint", "release", "rollback"):
