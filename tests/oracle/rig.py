@@ -45,6 +45,7 @@ from shardwire.router.shardmap import ShardMap
 from .generator import REFUSED_CONSTRUCTS, Order, Query
 
 FEATURE_NOT_SUPPORTED = "0A000"
+_BINARY_REFUSAL = "which the proxy cannot encode in a multi-shard result"
 FLOAT4_OID, FLOAT8_OID, NUMERIC_OID = 700, 701, 1700
 TOLERANCE = {FLOAT4_OID: 1e-5, FLOAT8_OID: 1e-9}
 # The session TimeZone of the "text-tz" runs: timestamptz text without a zone is local time
@@ -468,7 +469,9 @@ class Rig:
                 return Outcome.ERROR, "the proxy failed where the reference answered"
             if route in ("single", "any"):
                 return Outcome.ERROR, "a query on one shard was refused"
-            if not query.supported:
+            if not query.supported or _BINARY_REFUSAL in got.error[1]:
+                # (binary output of a type the merge cannot encode: a documented refusal,
+                # docs/scatter-gather.md "Binary results")
                 return Outcome.REFUSED, ""
             return Outcome.REFUSED_PENDING, "a supported construct across shards was refused"
         if got.columns != ref.columns:

@@ -71,18 +71,11 @@ def _as_query(case: dict[str, Any]) -> Query:
                  loose=tuple(case.get("loose", ())))
 
 
-def _binary_ok(query: Query) -> bool:
-    # asyncpg learns array types by introspection, wrapped in set_config('jit', ...), which
-    # pins its proxy session to one shard for good; later queries on other shards would be
-    # refused (reported; see docs/testing.md). Arrays stay in text.
-    return "array_agg" not in query.sql
-
-
 def _protocols(rng: random.Random, query: Query) -> list[str]:
     protocols = ["text"]
     if rng.random() < TIME_ZONE_SHARE:
         protocols.append("text-tz")
-    if rng.random() < BINARY_SHARE and _binary_ok(query):
+    if rng.random() < BINARY_SHARE:
         protocols.append("binary")
     if query.params and rng.random() < EXTENDED_SHARE:
         protocols.append("extended")
@@ -260,7 +253,7 @@ def test_regression(rig: Rig, oracle_tally: Tally, case: dict[str, Any]) -> None
     route = rig.routes.route(query.sql)
     failures = []
     oracle_tally.add_query(route)
-    for protocol in ("text", "text-tz", "binary") if _binary_ok(query) else ("text", "text-tz"):
+    for protocol in ("text", "text-tz", "binary"):
         verdict = rig.check(query, protocol, label="regressions.yaml", generated=False,
                             route=route)
         known = _known_issue(query, verdict) if _failing(verdict.outcome) else None

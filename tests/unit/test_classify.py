@@ -45,6 +45,13 @@ def test_leading_words_skip_comments_and_parentheses() -> None:
     (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", "DECLARE ... WITH HOLD"),
     (b"DECLARE c CURSOR FOR SELECT 1", None),
     (b"select pg_advisory_lock(1)", "session-level function (advisory lock or set_config)"),
+    # asyncpg around its type introspection: jit changes no result, so it does not pin
+    (b"SELECT current_setting('jit') AS cur, set_config('jit', 'off', false) AS new", None),
+    (b"SELECT set_config('jit', $1, false)", None),
+    (b"SELECT set_config('search_path', 'x', false)",
+     "session-level function (advisory lock or set_config)"),
+    (b"SELECT set_config('jit', 'off', false), set_config('role', 'x', false)",
+     "session-level function (advisory lock or set_config)"),
     (b"UPDATE t SET a = 1", None),
     (b"select 'SET search_path = x'", None),
     (b"select 1; set search_path = x", "SET search_path"),

@@ -161,9 +161,14 @@ def session_state_reason(sql: bytes, *, simple: bool = True) -> str | None:
         reason = _statement_state_reason(stmt, simple)
         if reason:
             return reason
-    if _SESSION_FUNCTIONS.search(sql):
+    if _SESSION_FUNCTIONS.search(_HARMLESS_SET_CONFIG.sub(b"", sql)):
         return "session-level function (advisory lock or set_config)"
     return None
+
+
+# set_config of a setting that changes no result, only how fast it comes: asyncpg turns jit
+# off around its type introspection (and back on), which must not pin the session.
+_HARMLESS_SET_CONFIG = re.compile(rb"set_config\s*\(\s*'jit'", re.I)
 
 
 _INTO_TEMP = re.compile(rb"\binto\s+(?:temp|temporary)\b", re.I)
