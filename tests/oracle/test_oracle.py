@@ -102,19 +102,7 @@ class KnownIssue:
 # E'...', $$...$$, $tag$...$tag$ and U&'...' string constants.
 _SPECIAL_STRING = re.compile(r"(?i)(?<![\w'])(?:E'|U&'|\$\w*\$)")
 
-KNOWN_ISSUES = (
-    KnownIssue(
-        "extended-protocol-special-strings",
-        "In a Parse (extended protocol: asyncpg, psycopg with parameters), a key written as an "
-        "escape string E'...', a dollar-quoted $$...$$ or a Unicode string U&'...' is not read "
-        "as a key value (router/analyze.py _slot knows exp.Literal only, not ByteString, "
-        "RawString, UnicodeString), so a one-shard query goes to every shard of the rule and "
-        "is refused with 0A000; the same text in a simple Query routes to its shard.",
-        lambda q, v: (v.protocol in ("binary", "extended") and v.outcome is Outcome.ERROR
-                      and v.proxy_sqlstate == "0A000" and v.route == "single"
-                      and _SPECIAL_STRING.search(q.sql) is not None),
-    ),
-)
+KNOWN_ISSUES: tuple[KnownIssue, ...] = ()
 STRICT = os.environ.get("SHARDWIRE_ORACLE_STRICT", "0") == "1"
 
 

@@ -1032,6 +1032,11 @@ def _slot(expr: exp.Expr) -> Slot | None:
             return None
         return Slot(literal=str(expr.this), cast=cast, string=bool(expr.is_string),
                     negate=negate)
+    if isinstance(expr, exp.RawString) and not negate:
+        # $$...$$ (or $tag$...$tag$): the text as written, no escapes. E'' and U&'' strings
+        # are not read (their escapes are not worth trusting to the parser): no key, so the
+        # statement goes to every shard its rule may use, which is exact, only slower.
+        return Slot(literal=str(expr.this), cast=cast, string=True)
     if isinstance(expr, exp.Parameter):
         inner = expr.this
         if isinstance(inner, exp.Literal) and not inner.is_string:
