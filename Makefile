@@ -34,6 +34,7 @@ bench: $(STAMP)
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/run.py
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/sharded.py
 	$(PY) bench/scatter.py
+	$(PY) bench/transactions.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench

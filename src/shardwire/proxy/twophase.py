@@ -196,7 +196,7 @@ class DecisionLog:
                               "configured", hint="set catalog: in the config")
             pool = await asyncpg.create_pool(
                 **_connect_args(self.catalog), min_size=1, max_size=self.pool_size,
-                timeout=self.timeout, server_settings=_CATALOG_SETTINGS)
+                timeout=self.timeout, server_settings=_CATALOG_SETTINGS, reset=_no_reset)
             try:
                 async with pool.acquire() as conn:
                     await _ensure_table(conn, self.timeout)
@@ -352,6 +352,11 @@ class DecisionLog:
                 await asyncio.wait_for(pool.close(), self.timeout)
             except (TimeoutError, OSError, asyncpg.InterfaceError):
                 pool.terminate()
+
+
+async def _no_reset(conn: Any) -> None:
+    """The decision log's connections keep no session state (no locks, cursors, LISTEN or
+    SET): asyncpg's reset on release (a round trip on every commit decision) is skipped."""
 
 
 async def _ensure_table(conn: Any, timeout: float) -> None:
