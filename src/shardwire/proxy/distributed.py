@@ -423,12 +423,13 @@ class ShardTransaction:
     """A client's transaction on several shards: the connection of each shard that has
     joined, the BEGIN they started with, and (kept by the client) the open savepoints."""
 
-    __slots__ = ("begin", "conns", "savepoints", "started")
+    __slots__ = ("begin", "conns", "savepoints", "started", "written")
 
     def __init__(self, begin: bytes, first: ServerConnection | None,
                  savepoints: list[str]) -> None:
         self.begin = begin
         self.started = time.monotonic()
+        self.written: set[str] = set()  # shards sent more than plain reads
         self.conns: dict[str, ServerConnection] = {}
         if first is not None:
             self.conns[first.pool.shard] = first

@@ -140,6 +140,7 @@ class ClientConnection(asyncio.Protocol):
         self.tx_begin: bytes | None = None  # the client's BEGIN, for shards joining later
         self.tx: ShardTransaction | None = None  # a transaction on several shards
         self.savepoints: list[str] = []  # the open savepoints of the client's transaction
+        self.wrote = False  # the transaction, still on one shard, was sent more than reads
         self.shard_session: str | None = None  # SET shardwire.shard
         self.shard_local: str | None = None  # SET LOCAL shardwire.shard
         self.key_session: str | None = None
@@ -677,6 +678,10 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         assert server is not None
         link = server.link
+        if self.tx is not None:
+            self._note_writes(server.pool.shard, msgs, self.tx.written)
+        elif not self.wrote and self._writes(msgs):
+            self.wrote = True  # the shard of a transaction that may later span shards
         chunks = []
         start = 0
         for i, (kind, body) in enumerate(msgs):
@@ -781,6 +786,8 @@ class ClientConnection(asyncio.Protocol):
         tx = self.tx
         if tx is None:
             tx = self.tx = ShardTransaction(self.tx_begin or b"BEGIN", server, self.savepoints)
+            if self.wrote:
+                tx.written.add(server.pool.shard)
         conn = tx.conns.get(target)
         if conn is None:
             pool = self.proxy.pool_for(target)
@@ -855,6 +862,25 @@ class ClientConnection(asyncio.Protocol):
         asyncio.get_running_loop().create_task(run())
         return True
 
+    def _note_writes(self, shard: str, msgs: list[tuple[int, bytes]], written: set[str]
+                     ) -> None:
+        """Remember the shards of a transaction that were sent more than plain reads: COMMIT
+        prepares those without asking (the others are asked whether they wrote)."""
+        if shard not in written and self._writes(msgs):
+            written.add(shard)
+
+    def _writes(self, msgs: list[tuple[int, bytes]]) -> bool:
+        """Whether these messages hold a statement that is not a plain read."""
+        for kind, body in msgs:
+            if kind == _Q:
+                if not body.lstrip()[:6].lower().startswith(b"select"):
+                    return True
+            elif kind == _B:
+                known = self.analyses.get(read_bind(body)[1])
+                if known is None or any(a.kind is not Kind.READ for a in known[0]):
+                    return True
+        return False
+
     def _tx_control_bound(self, words: tuple[str, ...], sql: bytes,
                           msg: tuple[int, bytes]) -> bool:
         """The Bind of COMMIT, ROLLBACK or a savepoint command (JDBC sends them so) in a
@@ -879,6 +905,8 @@ class ClientConnection(asyncio.Protocol):
         tx = self.tx
         assert tx is not None
         parts = [Participant(conn, status=conn.link.status) for conn in tx.conns.values()]
+        for part in parts:
+            part.wrote = part.shard in tx.written
         head = b"" if unit[0][0] == _Q else m.BIND_COMPLETE + (
             m.NO_DATA if any(k == ord("D") for k, _ in unit) else b"")
         coordinator = self.proxy.coordinator
@@ -937,6 +965,7 @@ class ClientConnection(asyncio.Protocol):
     def _end_tx(self, *, released: bool = False) -> None:
         tx, self.tx = self.tx, None
         self.tx_begin = None
+        self.wrote = False
         self.savepoints = []
         self.shard_local = self.key_local = None
         self.server = None
@@ -1046,6 +1075,8 @@ class ClientConnection(asyncio.Protocol):
         if tx is None:
             begin = self.tx_begin or self.begin_sql or b"BEGIN"
             tx = self.tx = ShardTransaction(begin, self.server, self.savepoints)
+            if self.wrote and self.server is not None:
+                tx.written.add(self.server.pool.shard)
             self.begin_sql = None
         joining: set[str] = set()
         for shard in sorted(shards):
@@ -1067,6 +1098,7 @@ class ClientConnection(asyncio.Protocol):
         for part in parts:
             part.detach()
             part.wrote = True
+            tx.written.add(part.shard)
         if self.server is None:
             self.server = parts[0].conn
             self.pool = self.server.pool
@@ -1251,6 +1283,7 @@ class ClientConnection(asyncio.Protocol):
         if conn.link.status == b"I" and self.tx is None:
             self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
             self.tx_begin = None
+            self.wrote = False
             if self.savepoints:
                 self.savepoints = []
             if self.pinned is None:
