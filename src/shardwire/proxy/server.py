@@ -85,6 +85,10 @@ _BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
 # First words of the queries the proxy may answer itself (see _local_query).
 _LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
                 b"abort")
+# Statements that write nothing by themselves (a function called by a SELECT may: COMMIT asks).
+_NOT_WRITES = (b"select", b"begin", b"start", b"set", b"show", b"savepoint", b"release",
+               b"reset")
+_NOT_WRITE_KINDS = frozenset({Kind.READ, Kind.TRANSACTION, Kind.SESSION})
 # First words of transaction control the proxy follows inside transactions.
 _TX_WORDS = (b"commit", b"end", b"rollback", b"abort", b"savepoint", b"release", b"prepare")
 _SHOW_ROUTE = re.compile(rb"(?is)^\s*show\s+route\s+for\s+(.+?)\s*;?\s*$")
@@ -873,11 +877,11 @@ class ClientConnection(asyncio.Protocol):
         """Whether these messages hold a statement that is not a plain read."""
         for kind, body in msgs:
             if kind == _Q:
-                if not body.lstrip()[:6].lower().startswith(b"select"):
+                if not body.lstrip()[:9].lower().startswith(_NOT_WRITES):
                     return True
             elif kind == _B:
                 known = self.analyses.get(read_bind(body)[1])
-                if known is None or any(a.kind is not Kind.READ for a in known[0]):
+                if known is None or any(a.kind not in _NOT_WRITE_KINDS for a in known[0]):
                     return True
         return False
 
