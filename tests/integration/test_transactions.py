@@ -421,3 +421,29 @@ def test_the_clients_own_two_phase_commands_are_refused_on_several_shards(
         conn.execute("rollback")
     assert balances(shards) == {i: 100 for i in (10, 11, 20, 21, 30, 31)}
     assert on_shard(shards[0], "select count(*) from pg_prepared_xacts") == [(0,)]
+
+
+def test_a_prepared_begin_waits_for_the_first_statement(
+        tx_proxy: ProxyProcess, shards: list[PostgresCluster], fresh: None) -> None:
+    """A BEGIN sent as Bind/Execute (pgbench -M prepared, JDBC) is answered by the proxy and
+    goes with the first statement, so a transaction on s2 does not also begin on s1 — also when
+    the first statement comes in the same batch (a pipeline)."""
+    update = f"update {ACCOUNTS} set balance = %s where tenant_id = %s"
+    with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        # prepared first (as pgbench does on first use): a Parse inside a transaction not yet
+        # on any shard begins it on the default shard
+        for sql, params in (("begin", None), (update, [100, 2]), ("commit", None)):
+            conn.execute(sql, params, prepare=True)
+        conn.execute("begin", prepare=True)
+        conn.execute(update, [1, 2], prepare=True)
+        busy = [c.name for c in shards if on_shard(
+            c, "select count(*) from pg_stat_activity where state like 'idle in transaction%%' "
+               "and datname = current_database()")[0][0]]
+        assert busy == ["shard2"]
+        conn.execute("commit", prepare=True)
+        with conn.pipeline():
+            conn.execute("begin", prepare=True)
+            conn.execute(update, [2, 3], prepare=True)
+            conn.execute("commit", prepare=True)
+    assert balances(shards) == {10: 100, 11: 100, 20: 1, 21: 1, 30: 2, 31: 2}
+    assert_nothing_left_behind(tx_proxy, shards)

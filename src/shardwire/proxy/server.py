@@ -594,7 +594,7 @@ class ClientConnection(asyncio.Protocol):
                 unit, self.multi_unit = self.multi_unit, None
                 self._run_multi(unit)
             return True
-        if plan is not None:  # a Query or Bind already planned by _route_unit
+        if plan is not None and type(plan) is not AnyShard:  # planned by _route_unit
             self._execute(plan, (kind, body), ends_unit=kind == _Q)
             return True
         if kind == _Q and (server is not None or self.begin_sql is not None) and (
@@ -646,6 +646,18 @@ class ClientConnection(asyncio.Protocol):
             if self.tx is not None and len(known[0]) == 1 and (
                     known[0][0].kind is Kind.TRANSACTION):
                 return self._tx_control_bound(known[0][0].words, known[2], (kind, body))
+            if (server is None and self.begin_sql is None
+                    and len(known[0]) == 1 and known[0][0].kind is Kind.TRANSACTION
+                    and known[0][0].words[:1] in (("begin",), ("start",))
+                    and _PLAIN_BEGIN.match(known[2])):
+                if self.batch:
+                    # Its Parse, held back: the default shard answers that first (quietly
+                    # closed), then this Bind comes again.
+                    self._send_batch(self.proxy.config.default_shard, [], quiet=True)
+                    self.waiting = self.retry = True
+                    return True
+                self._bound_begin(known[2], (kind, body))
+                return True
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
             self._execute(plan, (kind, body), ends_unit=False)
@@ -884,6 +896,32 @@ class ClientConnection(asyncio.Protocol):
                 if known is None or any(a.kind not in _NOT_WRITE_KINDS for a in known[0]):
                     return True
         return False
+
+    def _bound_begin(self, sql: bytes, msg: tuple[int, bytes]) -> None:
+        """A prepared BEGIN (pgbench -M prepared, JDBC) with no transaction open: answered
+        here, like a simple-protocol BEGIN, and sent with the first statement to its shard."""
+
+        async def start(unit: list[tuple[int, bytes]]) -> None:
+            self.begin_sql = self.tx_begin = sql
+            out = [m.BIND_COMPLETE]
+            rest = 1
+            for kind, _ in unit[1:]:
+                rest += 1
+                if kind == ord("D"):
+                    out.append(m.NO_DATA)
+                elif kind == ord("E"):
+                    out.append(m.command_complete("BEGIN"))
+                    break
+            if unit[rest:] == [unit[-1]] and unit[-1][0] == _S:
+                out.append(m.ready_for_query(b"T"))
+            else:
+                # JDBC sends its first statement in the same batch: it follows the BEGIN
+                # through the ordinary path, which sends the BEGIN along with it.
+                self.backlog[:0] = unit[rest:]
+            self.write(b"".join(out))
+
+        self.multi_start = start
+        self.multi_unit = [msg]
 
     def _tx_control_bound(self, words: tuple[str, ...], sql: bytes,
                           msg: tuple[int, bytes]) -> bool:
