@@ -13,10 +13,10 @@ Two engines:
 
 from __future__ import annotations
 
-import heapq
+import bisect
 import struct
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
@@ -25,9 +25,17 @@ from . import pgtypes as t
 from . import scalar as s
 from .errors import MergeError, MergeRefused, overflow
 from .planner import Aggregation, LimitSpec, Mode, Param, Plan, Role
-from .wire import Field, encode_data_row, parse_data_row
+from .wire import (
+    FRAME_HEADER,
+    Field,
+    data_row_frame,
+    encode_data_row,
+    encode_row_description,
+    parse_row_description,
+)
 
 _I16 = struct.Struct("!h")
+_DATA_ROW_HEAD = struct.Struct("!cIh")  # type, length, column count
 _UNPACK_I32 = struct.Struct("!i").unpack_from
 _INT8_MIN, _INT8_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -35,8 +43,9 @@ Raw = bytes | None
 
 
 class Merge:
-    """One execution's merge. Single-threaded; the executor calls `columns` once with the
-    shards' RowDescription, then `feed`/`finish` per shard and `take` whenever it likes."""
+    """One execution's merge. Single-threaded; the executor calls `columns` (or `describe`)
+    once with the shards' RowDescription, then `feed`/`finish` per shard and `take` whenever
+    it likes."""
 
     def __init__(self, plan: Plan, limit: int | None, offset: int, formats: Sequence[int],
                  collation: str, shards: int, extra_float_digits: int) -> None:
@@ -52,11 +61,24 @@ class Merge:
         self._finished = [False] * shards
         self._fields: list[Field] | None = None
         self._n_visible = 0
+        self._base = 0  # where a row's body starts in what feed() gets: 0, or FRAME_HEADER
 
     # -- interface
 
     def columns(self, fields: list[Field]) -> list[Field]:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def describe(self, row_description: bytes, *, frames: bool = False) -> bytes:
+        """`columns` from the shards' RowDescription as it came (the message body); returns
+        the client's RowDescription body.
+
+        With `frames`, `feed` takes and `take` returns whole DataRow messages (type byte and
+        length word included) instead of bodies: rows that need no change go to the client
+        as they came from the shard, without being framed again. The merges keep what this
+        builds per plan and RowDescription, so that the next execution of a cached plan
+        skips it."""
+        self._base = FRAME_HEADER if frames else 0
+        return encode_row_description(self.columns(parse_row_description(row_description)))
 
     def feed(self, shard: int, rows: list[bytes]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -186,10 +208,11 @@ def start(plan: Plan, params: Mapping[int, int | None], client_formats: Sequence
 # -- reading rows ---------------------------------------------------------------------------
 
 
-def make_reader(positions: Sequence[int], n_visible: int, strip: bool) -> Callable[
+def make_reader(positions: Sequence[int], n_visible: int, strip: bool, base: int = 0) -> Callable[
         [bytes], tuple[list[Raw], int]]:
-    """A function of a DataRow body: the values at `positions` (in that order) and the byte
-    offset where the visible columns end (0 unless `strip`)."""
+    """A function of a DataRow (its body; its whole message when `base` is FRAME_HEADER):
+    the values at `positions` (in that order) and the byte offset where the visible columns
+    end (0 unless `strip`)."""
     slots: dict[int, int] = {}
     for k, p in enumerate(positions):
         slots.setdefault(p, k)
@@ -199,12 +222,13 @@ def make_reader(positions: Sequence[int], n_visible: int, strip: bool) -> Callab
     want = [slots.get(i, -1) for i in range(last + 1)]
     dup = len(slots) != len(positions)
     unpack = _UNPACK_I32
+    start = base + 2
 
     if width == 1 and not strip and not dup:
         target = positions[0]
 
         def read_one(body: bytes) -> tuple[list[Raw], int]:
-            pos = 2
+            pos = start
             i = 0
             while True:
                 (n,) = unpack(body, pos)
@@ -218,7 +242,7 @@ def make_reader(positions: Sequence[int], n_visible: int, strip: bool) -> Callab
 
     def read(body: bytes) -> tuple[list[Raw], int]:
         out: list[Raw] = [None] * width
-        pos = 2
+        pos = start
         cut = 0
         i = 0
         for k in want:
@@ -238,6 +262,313 @@ def make_reader(positions: Sequence[int], n_visible: int, strip: bool) -> Callab
     return read
 
 
+# Sort keys. A row's key is the comparable value of its ORDER BY column (or a tuple of them,
+# for several keys), read straight from the DataRow; a NULL is t.NULLS_LAST or t.NULLS_FIRST.
+# Keys are computed a batch at a time, as the shard's rows arrive.
+
+_INTEGERS = frozenset({t.INT2, t.INT4, t.INT8, t.OID})
+# Integer text of up to 15 characters is read as a float: exact (below 2**53), and faster
+# than int(); floats and ints compare (and hash) exactly with each other.
+_EXACT_FLOAT_DIGITS = 15
+
+
+@dataclass(frozen=True, slots=True)
+class _KeyPart:
+    col: int  # column position in the shards' rows
+    value: Callable[[bytes], Any]  # sort key of a non-NULL value's text, descending applied
+    null: Any  # t.NULLS_LAST or t.NULLS_FIRST
+    integer: bool  # an integer type (`value` is _integer_key or _integer_key_desc)
+    desc: bool
+
+
+def _integer_key(raw: bytes) -> float | int:
+    return float(raw) if len(raw) <= _EXACT_FLOAT_DIGITS else int(raw)
+
+
+def _integer_key_desc(raw: bytes) -> float | int:
+    return -float(raw) if len(raw) <= _EXACT_FLOAT_DIGITS else -int(raw)
+
+
+# A batch of rows -> their sort keys, and the rows without their helper columns (None: the
+# rows as they came).
+RowKeys = Callable[[list[bytes]], tuple[list[Any], list[bytes] | None]]
+
+
+def _first_integer_keys(start: int, null: Any, desc: bool) -> RowKeys:
+    """ORDER BY an integer first column, the common `ORDER BY id`."""
+    low = start + 3  # the low byte of the length word: an integer's text is short
+    first = start + 4
+    unpack = _UNPACK_I32
+    exact = _EXACT_FLOAT_DIGITS
+
+    def keys(rows: list[bytes]) -> tuple[list[Any], list[bytes] | None]:
+        out: list[Any] = []
+        append = out.append
+        for row in rows:
+            n = row[low]
+            if n <= exact:
+                v: Any = float(row[first:first + n])
+            else:
+                (n,) = unpack(row, start)  # NULL is -1: every byte 0xFF
+                if n < 0:
+                    append(null)
+                    continue
+                v = int(row[first:first + n])
+            append(-v if desc else v)
+        return out, None
+    return keys
+
+
+def _single_key(part: _KeyPart, start: int, n_visible: int, strip: bool,
+                frames: bool) -> RowKeys:
+    """One ORDER BY key, in any column; with `strip`, the rows without the helper columns
+    too, cut in the same pass."""
+    fn = part.value
+    null = part.null
+    col = part.col
+    unpack = _UNPACK_I32
+    if not strip:
+        skip = range(col)
+
+        def keys(rows: list[bytes]) -> tuple[list[Any], list[bytes] | None]:
+            out: list[Any] = []
+            append = out.append
+            for row in rows:
+                pos = start
+                for _ in skip:
+                    (n,) = unpack(row, pos)
+                    pos += 4 + n if n > 0 else 4
+                (n,) = unpack(row, pos)
+                append(null if n < 0 else fn(row[pos + 4:pos + 4 + n]))
+            return out, None
+        return keys
+    pack = _DATA_ROW_HEAD.pack
+    head = _I16.pack(n_visible)
+    # The helper columns come after the visible ones: walk to the key, and to where the
+    # visible columns end, in the order they come.
+    hidden = col >= n_visible
+    before = range(n_visible if hidden else col)
+    between = range(col - n_visible if hidden else n_visible - col - 1)
+
+    def strip_keys(rows: list[bytes]) -> tuple[list[Any], list[bytes] | None]:
+        out: list[Any] = []
+        append = out.append
+        stripped: list[bytes] = []
+        keep = stripped.append
+        for row in rows:
+            pos = start
+            for _ in before:
+                (n,) = unpack(row, pos)
+                pos += 4 + n if n > 0 else 4
+            if hidden:
+                cut = pos
+                for _ in between:
+                    (n,) = unpack(row, pos)
+                    pos += 4 + n if n > 0 else 4
+                (n,) = unpack(row, pos)
+                append(null if n < 0 else fn(row[pos + 4:pos + 4 + n]))
+            else:
+                (n,) = unpack(row, pos)
+                if n < 0:
+                    append(null)
+                    pos += 4
+                else:
+                    append(fn(row[pos + 4:pos + 4 + n]))
+                    pos += 4 + n
+                for _ in between:
+                    (n,) = unpack(row, pos)
+                    pos += 4 + n if n > 0 else 4
+                cut = pos
+            if frames:
+                keep(pack(b"D", cut - start + 6, n_visible) + row[start:cut])
+            else:
+                keep(head + row[start:cut])
+        return out, stripped
+    return strip_keys
+
+
+def _many_keys(parts: list[_KeyPart], start: int, n_visible: int, strip: bool,
+               frames: bool) -> RowKeys:
+    """Several ORDER BY keys: a tuple per row, the columns read in one pass."""
+    width = len(parts)
+    cut_at = n_visible - 1 if strip else -1  # after this column, the visible ones end
+    last = max([part.col for part in parts] + [cut_at])
+    slots_of: list[list[int]] = [[] for _ in range(last + 1)]  # key slots of each column
+    for k, part in enumerate(parts):
+        slots_of[part.col].append(k)
+    # (column, its key slots and readers); columns that are only walked over have none.
+    plan = [(c, [(k, parts[k].value, parts[k].null) for k in slots_of[c]])
+            for c in range(last + 1)]
+    unpack = _UNPACK_I32
+    pack = _DATA_ROW_HEAD.pack
+    head = _I16.pack(n_visible)
+
+    def keys(rows: list[bytes]) -> tuple[list[Any], list[bytes] | None]:
+        out: list[Any] = []
+        append = out.append
+        stripped: list[bytes] = []
+        for row in rows:
+            values: list[Any] = [None] * width
+            pos = start
+            if cut_at == -1 and strip:  # no visible column at all (`SELECT FROM`)
+                stripped.append(pack(b"D", 6, 0) if frames else head)
+            for c, reads in plan:
+                (n,) = unpack(row, pos)
+                pos += 4
+                for k, fn, null in reads:
+                    values[k] = null if n < 0 else fn(row[pos:pos + n])
+                if n > 0:
+                    pos += n
+                if c == cut_at:
+                    if frames:
+                        stripped.append(pack(b"D", pos - start + 6, n_visible) + row[start:pos])
+                    else:
+                        stripped.append(head + row[start:pos])
+            append(tuple(values))
+        return out, stripped if strip else None
+    return keys
+
+
+def _two_keys(first: _KeyPart, second: _KeyPart, start: int) -> RowKeys:
+    """Two ORDER BY keys in two columns, no helper columns to strip: `ORDER BY a, b`."""
+    low, high = (first, second) if first.col < second.col else (second, first)
+    fn_low, null_low, fn_high, null_high = low.value, low.null, high.value, high.null
+    before = range(low.col)
+    between = range(high.col - low.col - 1)
+    swap = low is second
+    unpack = _UNPACK_I32
+
+    def keys(rows: list[bytes]) -> tuple[list[Any], list[bytes] | None]:
+        out: list[Any] = []
+        append = out.append
+        for row in rows:
+            pos = start
+            for _ in before:
+                (n,) = unpack(row, pos)
+                pos += 4 + n if n > 0 else 4
+            (n,) = unpack(row, pos)
+            pos += 4
+            if n < 0:
+                a = null_low
+            else:
+                a = fn_low(row[pos:pos + n])
+                pos += n
+            for _ in between:
+                (n,) = unpack(row, pos)
+                pos += 4 + n if n > 0 else 4
+            (n,) = unpack(row, pos)
+            b = null_high if n < 0 else fn_high(row[pos + 4:pos + 4 + n])
+            append((b, a) if swap else (a, b))
+        return out, None
+    return keys
+
+
+def _keys_reader(parts: list[_KeyPart], base: int, n_visible: int, strip: bool) -> RowKeys:
+    """Sort keys of a batch of rows: a value per row for one ORDER BY key, a tuple for
+    several; and with `strip`, the rows without their helper columns."""
+    start = base + 2
+    frames = base == FRAME_HEADER
+    if len(parts) == 1:
+        part = parts[0]
+        if part.col == 0 and part.integer and not strip:
+            return _first_integer_keys(start, part.null, part.desc)
+        return _single_key(part, start, n_visible, strip, frames)
+    if len(parts) == 2 and parts[0].col != parts[1].col and not strip:
+        return _two_keys(parts[0], parts[1], start)
+    return _many_keys(parts, start, n_visible, strip, frames)
+
+
+def _output_fn(n_visible: int, strip: bool, binary: list[tuple[int, Callable[[bytes], bytes]]],
+               base: int) -> Callable[[bytes], bytes] | None:
+    """What the client gets for a row: None when the shard's row goes as it is; else the
+    row without the helper columns, and with binary values where the client asked."""
+    if not strip and not binary:
+        return None
+    start = base + 2
+    unpack = _UNPACK_I32
+    head = _I16.pack(n_visible)
+    visible = range(n_visible)
+
+    def output(row: bytes) -> bytes:
+        pos = start
+        if not binary:
+            for _ in visible:
+                (n,) = unpack(row, pos)
+                pos += 4 + n if n > 0 else 4
+            if base:
+                return _DATA_ROW_HEAD.pack(b"D", pos - start + 6, n_visible) + row[start:pos]
+            return head + row[start:pos]
+        values: list[Raw] = []
+        for _ in visible:
+            (n,) = unpack(row, pos)
+            pos += 4
+            if n < 0:
+                values.append(None)
+            else:
+                values.append(row[pos:pos + n])
+                pos += n
+        for i, enc in binary:
+            v = values[i]
+            if v is not None:
+                values[i] = enc(v)
+        body = encode_data_row(values)
+        return data_row_frame(body) if base else body
+    return output
+
+
+@dataclass(frozen=True, slots=True)
+class _StreamSetup:
+    """What a StreamMerge builds from the shards' columns: the same for every execution of
+    a plan with the same RowDescription and client settings (see `_SETUPS`)."""
+
+    fields: tuple[Field, ...]
+    n_visible: int
+    client: tuple[Field, ...]
+    keys: RowKeys | None  # ORDER BY keys of a batch of rows
+    reader: Callable[[bytes], tuple[list[Raw], int]] | None  # DISTINCT [ON] columns
+    eq: Callable[[list[Raw]], Any] | None
+    on: Callable[[list[Raw]], Any] | None
+    output: Callable[[bytes], bytes] | None  # None: rows go to the client untouched
+    description: bytes  # the client's RowDescription body
+
+
+class _Setups:
+    """Setups kept per plan, keyed by the shards' RowDescription and the client's settings.
+
+    The router caches plans, so the same Plan object comes back for the next execution of a
+    statement; an entry holds its plan, so the plan's id is not reused while it is here.
+    Bounded: cleared when full. A pure memo: what it returns is what would be built."""
+
+    def __init__(self, plans: int = 1000, per_plan: int = 8) -> None:
+        self._plans = plans
+        self._per_plan = per_plan
+        self._by_plan: dict[int, tuple[Plan, dict[Any, Any]]] = {}
+
+    def get(self, plan: Plan, key: Any) -> Any:
+        entry = self._by_plan.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            return None
+        return entry[1].get(key)
+
+    def put(self, plan: Plan, key: Any, setup: Any) -> None:
+        entry = self._by_plan.get(id(plan))
+        if entry is None or entry[0] is not plan:
+            if len(self._by_plan) >= self._plans:
+                self._by_plan.clear()
+            entry = (plan, {})
+            self._by_plan[id(plan)] = entry
+        setups = entry[1]
+        if len(setups) >= self._per_plan:
+            setups.clear()
+        setups[key] = setup
+
+    def clear(self) -> None:
+        self._by_plan.clear()
+
+
+_SETUPS = _Setups()
+
+
 # -- streaming ------------------------------------------------------------------------------
 
 
@@ -247,33 +578,58 @@ class StreamMerge(Merge):
         super().__init__(plan, limit, offset, formats, collation, shards, extra_float_digits)
         self._with_ties = plan.limit is not None and plan.limit.with_ties
         self._out: list[bytes] = []
-        self._queues: list[deque[tuple[Any, int, Any]]] = [deque() for _ in range(shards)]
-        self._in_heap = [False] * shards
+        # Rows buffered per shard (from _next[shard] on) and their sort keys.
+        self._buffered: list[list[bytes]] = [[] for _ in range(shards)]
+        self._keys: list[list[Any]] = [[] for _ in range(shards)]
+        self._next = [0] * shards
         self._waiting = shards  # unfinished shards with no row buffered
-        self._heap: list[tuple[Any, int, Any]] = []
         self._ready = False
         self._last_key: Any = None
         self._run_key: Any = None
         self._seen: set[Any] = set()
         self._sorted = plan.mode is Mode.SORT
+        self._key_fn: RowKeys | None = None
+        self._reader: Callable[[bytes], tuple[list[Raw], int]] | None = None
+        self._eq: Callable[[list[Raw]], Any] | None = None
+        self._on: Callable[[list[Raw]], Any] | None = None
+        self._output: Callable[[bytes], bytes] | None = None
 
     def columns(self, fields: list[Field]) -> list[Field]:
+        setup = self._build(fields, self._base)
+        self._apply(setup)
+        return list(setup.client)
+
+    def describe(self, row_description: bytes, *, frames: bool = False) -> bytes:
+        base = FRAME_HEADER if frames else 0
+        key = (row_description, base, self._formats, self._collation, self._efd)
+        setup = _SETUPS.get(self.plan, key)
+        if setup is None:
+            setup = self._build(parse_row_description(row_description), base)
+            _SETUPS.put(self.plan, key, setup)
+        self._base = base
+        self._apply(setup)
+        return setup.description
+
+    def _build(self, fields: list[Field], base: int) -> _StreamSetup:
         client, per = self._client_fields(fields)
         plan = self.plan
         n_visible = self._n_visible
-        positions: list[int] = []
-        key_parts: list[tuple[int, Callable[[bytes], Any], int]] = []
+        key_parts: list[_KeyPart] = []
         for key in plan.sort:
             col = self._resolve(key.col)
             if not 0 <= col < len(fields):
                 raise MergeError("42P10", f"ORDER BY position {key.col + 1} is not in select "
                                  "list")
-            fn = self._sort_key_fn(fields[col].type_oid, key.collation, "ORDER BY")
-            if key.desc:
-                fn = t.descending(fn, fields[col].type_oid)
-            # NULLs: +1 sorts them after every value, -1 before.
-            key_parts.append((len(positions), fn, -1 if key.nulls_first else 1))
-            positions.append(col)
+            oid = fields[col].type_oid
+            fn = self._sort_key_fn(oid, key.collation, "ORDER BY")
+            integer = oid in _INTEGERS
+            if integer:
+                fn = _integer_key_desc if key.desc else _integer_key
+            elif key.desc:
+                fn = t.descending(fn, oid)
+            null = t.NULLS_FIRST if key.nulls_first else t.NULLS_LAST
+            key_parts.append(_KeyPart(col, fn, null, integer, key.desc))
+        positions: list[int] = []
         eq_parts: list[tuple[int, Callable[[bytes], Any]]] = []
         if plan.distinct:
             for col in range(n_visible):
@@ -286,16 +642,27 @@ class StreamMerge(Merge):
             positions.append(col)
         binary = self._binary_check(per)
         strip = plan.hidden > 0
-        self._strip = strip
-        self._reader = make_reader(positions, n_visible, strip) if positions or strip else None
-        self._key = _tuple_fn(key_parts) if key_parts else None
-        self._eq = _eq_fn(eq_parts) if eq_parts else None
-        self._on = _eq_fn(on_parts) if on_parts else None
-        self._binary = binary
-        self._head = _I16.pack(n_visible)
-        self._passthrough = not strip and not binary
+        # Sorted rows lose their helper columns as they arrive, in the pass that reads their
+        # keys, unless the client wants binary values or DISTINCT [ON] reads them later.
+        strip_early = bool(key_parts) and strip and not binary and not positions
+        return _StreamSetup(
+            fields=tuple(fields), n_visible=n_visible, client=tuple(client),
+            keys=_keys_reader(key_parts, base, n_visible, strip_early) if key_parts else None,
+            reader=make_reader(positions, n_visible, False, base) if positions else None,
+            eq=_eq_fn(eq_parts) if eq_parts else None,
+            on=_eq_fn(on_parts) if on_parts else None,
+            output=None if strip_early else _output_fn(n_visible, strip, binary, base),
+            description=encode_row_description(client))
+
+    def _apply(self, setup: _StreamSetup) -> None:
+        self._fields = list(setup.fields)
+        self._n_visible = setup.n_visible
+        self._key_fn = setup.keys
+        self._reader = setup.reader
+        self._eq = setup.eq
+        self._on = setup.on
+        self._output = setup.output
         self._ready = True
-        return client
 
     def _equality(self, col: int) -> Callable[[bytes], Any]:
         assert self._fields is not None
@@ -311,18 +678,6 @@ class StreamMerge(Merge):
 
     # -- rows
 
-    def _output(self, body: bytes, cut: int) -> bytes:
-        if self._strip:
-            body = self._head + body[2:cut]
-        if self._binary:
-            values = parse_data_row(body)
-            for i, enc in self._binary:
-                v = values[i]
-                if v is not None:
-                    values[i] = enc(v)
-            body = encode_data_row(values)
-        return body
-
     def feed(self, shard: int, rows: list[bytes]) -> None:
         if not self._ready:
             raise MergeError("XX000", "merge: feed() before columns()")
@@ -331,21 +686,26 @@ class StreamMerge(Merge):
         if not self._sorted:
             self._union(rows)
             return
-        read = self._reader
-        key = self._key
-        assert read is not None and key is not None
-        entries: list[tuple[Any, int, Any]] = []
-        for body in rows:
-            raws, cut = read(body)
-            entries.append((key(raws), shard, body if not cut else (body, cut, raws)))
-        q = self._queues[shard]
-        if not self._in_heap[shard]:
-            heapq.heappush(self._heap, entries[0])
-            self._in_heap[shard] = True
+        key_fn = self._key_fn
+        assert key_fn is not None
+        keys, stripped = key_fn(rows)
+        if stripped is not None:
+            rows = stripped
+        buffered = self._buffered[shard]
+        start = self._next[shard]
+        if start == len(buffered):
+            self._buffered[shard] = rows if stripped is not None else list(rows)
+            self._keys[shard] = keys
+            self._next[shard] = 0
             self._waiting -= 1
-            q.extend(entries[1:])
         else:
-            q.extend(entries)
+            have = self._keys[shard]
+            if start * 2 >= len(buffered):  # drop what has left, now and then
+                del buffered[:start]
+                del have[:start]
+                self._next[shard] = 0
+            buffered.extend(rows)
+            have.extend(keys)
         self._pump()
 
     def finish(self, shard: int) -> None:
@@ -353,7 +713,7 @@ class StreamMerge(Merge):
             return
         self._finished[shard] = True
         if self._sorted:
-            if not self._in_heap[shard]:
+            if self._next[shard] == len(self._buffered[shard]):
                 self._waiting -= 1
             self._pump()
         if all(self._finished):
@@ -367,17 +727,16 @@ class StreamMerge(Merge):
     def buffered(self, shard: int) -> int:
         if not self._sorted:
             return 0
-        return len(self._queues[shard]) + self._in_heap[shard]
+        return len(self._buffered[shard]) - self._next[shard]
 
     def _stop(self) -> None:
         self._complete = True
-        self._heap.clear()
-        for q in self._queues:
-            q.clear()
+        self._buffered = [[] for _ in self._buffered]
+        self._keys = [[] for _ in self._keys]
+        self._next = [0] * len(self._next)
 
     def _union(self, rows: list[bytes]) -> None:
-        if self._passthrough and self._eq is None and self._on is None:
-            # The common case: hand the bodies on untouched.
+        if self._eq is None and self._on is None:
             if self._offset:
                 k = min(self._offset, len(rows))
                 self._offset -= k
@@ -387,27 +746,28 @@ class StreamMerge(Merge):
                 self._limit -= len(rows)
                 if self._limit == 0:
                     self._complete = True
-            self._out.extend(rows)
+            output = self._output
+            if output is None:
+                self._out.extend(rows)  # the common case: rows go on untouched
+            else:
+                self._out.extend([output(row) for row in rows])
             self._rows += len(rows)
             return
+        reader = self._reader
+        test = self._eq if self._eq is not None else self._on
+        assert reader is not None and test is not None
+        seen = self._seen
         for body in rows:
             if self._complete:
                 return
-            raws: list[Raw]
-            cut = 0
-            if self._reader is not None:
-                raws, cut = self._reader(body)
-            else:
-                raws = []
-            test = self._eq if self._eq is not None else self._on
-            if test is not None:
-                seen_key = test(raws)
-                if seen_key in self._seen:
-                    continue
-                self._seen.add(seen_key)
-            self._emit(body, cut, None)
+            seen_key = test(reader(body)[0])
+            if seen_key in seen:
+                continue
+            seen.add(seen_key)
+            self._emit(body, None)
 
-    def _emit(self, body: bytes, cut: int, key: Any) -> None:
+    def _emit(self, body: bytes, key: Any) -> None:
+        """One row, past OFFSET and LIMIT."""
         if self._offset:
             self._offset -= 1
             return
@@ -419,93 +779,147 @@ class StreamMerge(Merge):
             else:
                 self._limit -= 1
                 self._last_key = key
-        self._out.append(body if self._passthrough else self._output(body, cut))
+        self._out.append(body if self._output is None else self._output(body))
         self._rows += 1
         if self._limit == 0 and not self._with_ties:
             self._stop()
 
     def _pump(self) -> None:
-        heap = self._heap
-        queues = self._queues
-        in_heap = self._in_heap
+        """Hand on every row known to come next: while every unfinished shard has a row
+        buffered, each row up to the smallest of those shards' last rows, included.
+
+        That is what a k-way merge one row at a time hands on (it stops when a shard's last
+        buffered row has left), done in one step: a later row of a shard never sorts before
+        an earlier one, so whatever the unfinished shards send later sorts after that bound.
+        The rows below it are merged by one stable sort of the shards' runs, taken in shard
+        order, so that ties leave lower shard first, as with a heap of (key, shard). Rows
+        range-sharded on the sort key come from one shard at a time: no sort at all."""
+        if self._waiting or self._complete:
+            return
+        keys_of = self._keys
+        rows_of = self._buffered
+        nexts = self._next
         finished = self._finished
-        eq = self._eq
-        on = self._on
-        heapreplace = heapq.heapreplace
-        heappop = heapq.heappop
-        while heap and self._waiting == 0 and not self._complete:
-            entry = heap[0]
-            shard = entry[1]
-            q = queues[shard]
-            if q:
-                heapreplace(heap, q.popleft())
+        shards = [shard for shard, keys in enumerate(keys_of) if nexts[shard] < len(keys)]
+        if not shards:
+            return
+        bound: tuple[Any, int] | None = None
+        for shard in shards:
+            if not finished[shard]:
+                last = (keys_of[shard][-1], shard)
+                if bound is None or last < bound:
+                    bound = last
+        segments: list[tuple[int, int, int]] = []
+        for shard in shards:
+            buffered = keys_of[shard]
+            i = nexts[shard]
+            if bound is None:
+                j = len(buffered)
+            elif shard <= bound[1]:  # its rows equal to the bound's key go first
+                j = bisect.bisect_right(buffered, bound[0], i)
             else:
-                heappop(heap)
-                in_heap[shard] = False
+                j = bisect.bisect_left(buffered, bound[0], i)
+            if j > i:
+                segments.append((shard, i, j))
+        rows: list[bytes]
+        keys: list[Any]
+        if len(segments) == 1:
+            shard, i, j = segments[0]
+            rows = rows_of[shard][i:j]
+            keys = keys_of[shard][i:j]
+        else:
+            all_rows: list[bytes] = []
+            all_keys: list[Any] = []
+            for shard, i, j in segments:
+                all_rows += rows_of[shard][i:j]
+                all_keys += keys_of[shard][i:j]
+            order = sorted(range(len(all_keys)), key=all_keys.__getitem__)
+            rows = list(map(all_rows.__getitem__, order))
+            keys = list(map(all_keys.__getitem__, order))
+        for shard, _, j in segments:
+            if j == len(keys_of[shard]):
+                rows_of[shard] = []
+                keys_of[shard] = []
+                nexts[shard] = 0
                 if not finished[shard]:
                     self._waiting += 1
-            key = entry[0]
-            payload = entry[2]
-            if isinstance(payload, tuple):
-                body, cut, raws = payload
             else:
-                body, cut, raws = payload, 0, None
-            if eq is not None or on is not None:
-                if raws is None:
-                    raws = self._reader(body)[0]  # type: ignore[misc]
+                nexts[shard] = j
+        if (self._eq is None and self._on is None and self._limit is None
+                and not self._offset):
+            output = self._output
+            self._out.extend(rows if output is None else [output(row) for row in rows])
+            self._rows += len(rows)
+        else:
+            self._run(rows, keys, 0, len(rows))
+
+    def _run(self, rows: list[bytes], keys: list[Any], i: int, j: int) -> None:
+        """Rows i..j-1 of one shard leave, in order: DISTINCT, OFFSET, LIMIT [WITH TIES]."""
+        eq = self._eq
+        on = self._on
+        if eq is not None or on is not None:
+            reader = self._reader
+            assert reader is not None
+            for k in range(i, j):
+                if self._complete:
+                    return
+                body = rows[k]
+                key = keys[k]
+                raws = reader(body)[0]
                 if on is not None:
-                    k = on(raws)
-                    if k == self._run_key and self._run_key is not None:
+                    seen_key = on(raws)
+                    if seen_key == self._run_key and self._run_key is not None:
                         continue
-                    self._run_key = k
+                    self._run_key = seen_key
                 else:
-                    assert eq is not None
                     if key != self._run_key:
                         self._run_key = key
                         self._seen = set()
-                    k = eq(raws)
-                    if k in self._seen:
+                    seen_key = eq(raws)  # type: ignore[misc]
+                    if seen_key in self._seen:
                         continue
-                    self._seen.add(k)
-            self._emit(body, cut, key)
+                    self._seen.add(seen_key)
+                self._emit(body, key)
+            return
+        if self._offset:
+            skip = min(self._offset, j - i)
+            self._offset -= skip
+            i += skip
+        if i == j:
+            return
+        limit = self._limit
+        if limit is not None:
+            if limit > 0:
+                end = min(j, i + limit)
+                self._limit = limit - (end - i)
+                self._last_key = keys[end - 1]
+                self._put(rows, i, end)
+                if self._limit > 0:
+                    return
+                if not self._with_ties:
+                    self._stop()
+                    return
+                i = end
+            # LIMIT reached WITH TIES: the rows tied with the last one counted go too.
+            last = self._last_key
+            end = i
+            while end < j and keys[end] == last:
+                end += 1
+            self._put(rows, i, end)
+            if end < j:
+                self._stop()
+            return
+        self._put(rows, i, j)
 
-
-def _tuple_fn(parts: list[tuple[int, Callable[[bytes], Any], int]]) -> Callable[
-        [list[Raw]], tuple[Any, ...]]:
-    """Sort key of a row: (null rank, value) per ORDER BY key, flattened."""
-    if len(parts) == 1:
-        (i, fn, null_rank) = parts[0]
-        null_key = (null_rank, 0)
-
-        def one(raws: list[Raw]) -> tuple[Any, ...]:
-            v = raws[i]
-            return null_key if v is None else (0, fn(v))
-        return one
-
-    if len(parts) == 2:
-        (i1, fn1, n1), (i2, fn2, n2) = parts
-
-        def two(raws: list[Raw]) -> tuple[Any, ...]:
-            a = raws[i1]
-            b = raws[i2]
-            if a is not None and b is not None:
-                return (0, fn1(a), 0, fn2(b))
-            return ((n1, 0) if a is None else (0, fn1(a))) + (
-                (n2, 0) if b is None else (0, fn2(b)))
-        return two
-
-    def many(raws: list[Raw]) -> tuple[Any, ...]:
-        out: list[Any] = []
-        for i, fn, null_rank in parts:
-            v = raws[i]
-            if v is None:
-                out.append(null_rank)
-                out.append(0)
-            else:
-                out.append(0)
-                out.append(fn(v))
-        return tuple(out)
-    return many
+    def _put(self, rows: list[bytes], i: int, j: int) -> None:
+        if j <= i:
+            return
+        output = self._output
+        if output is None:
+            self._out.extend(rows[i:j])
+        else:
+            self._out.extend([output(row) for row in rows[i:j]])
+        self._rows += j - i
 
 
 def _eq_fn(parts: list[tuple[int, Callable[[bytes], Any]]]) -> Callable[
@@ -529,6 +943,25 @@ class AggregateMerge(Merge, s.Columns):
         self._done = False
         self._ready = False
         self._complete = False  # even LIMIT 0: the shards' rows are read to the end
+
+    def describe(self, row_description: bytes, *, frames: bool = False) -> bytes:
+        base = FRAME_HEADER if frames else 0
+        key = (row_description, base, self._formats, self._collation, self._efd)
+        self._base = base
+        cached = _SETUPS.get(self.plan, key)
+        if cached is not None:
+            setup, description = cached
+            self.__dict__.update(setup)
+            return description  # type: ignore[no-any-return]
+        # What `columns` sets is the setup (it touches no per-execution state): kept as the
+        # attributes it changed.
+        before = dict(self.__dict__)
+        description = encode_row_description(self.columns(parse_row_description(
+            row_description)))
+        setup = {name: value for name, value in self.__dict__.items()
+                 if name not in before or before[name] is not value}
+        _SETUPS.put(self.plan, key, (setup, description))
+        return description
 
     # -- scalar.Columns: what trees see of the merged columns
 
@@ -605,7 +1038,7 @@ class AggregateMerge(Merge, s.Columns):
             if not 0 <= c < len(fields):
                 raise MergeError("42P10", f"GROUP BY position {c + 1} is not in select list")
         self._slot = {c: k for k, c in enumerate(positions)}
-        self._reader = make_reader(positions, n_visible, False)
+        self._reader = make_reader(positions, n_visible, False, self._base)
         inits: list[Callable[[Raw], Any]] = []
         combines: list[tuple[int, Callable[[Any, Raw], Any]]] = []
         for k, c in enumerate(positions):
@@ -627,7 +1060,7 @@ class AggregateMerge(Merge, s.Columns):
                     hint="group by a simpler type (cast it), or GROUP BY the sharding key so "
                     "that each group stays on one shard")
             group_slots.append((self._slot[c], fn))
-        self._group_slots = group_slots
+        self._group_key = _group_key(group_slots)
 
         # Outputs: the client's columns, from merged columns or computed.
         out_fns: list[Callable[[list[Any]], Raw]] = []
@@ -761,12 +1194,12 @@ class AggregateMerge(Merge, s.Columns):
             raise MergeError("XX000", "merge: feed() before columns()")
         groups = self._groups
         read = self._reader
-        group_slots = self._group_slots
+        group_key = self._group_key
         inits = self._inits
         combines = self._combines
         for body in rows:
             raws, _ = read(body)
-            gk = tuple(None if (v := raws[j]) is None else fn(v) for j, fn in group_slots)
+            gk = group_key(raws)
             state = groups.get(gk)
             if state is None:
                 groups[gk] = [init(raw) for init, raw in zip(inits, raws, strict=True)]
@@ -833,8 +1266,21 @@ class AggregateMerge(Merge, s.Columns):
             groups = groups[start:]
         out_fns = self._out_fns
         self._out = [encode_data_row([fn(g) for fn in out_fns]) for g in groups]
+        if self._base:
+            self._out = [data_row_frame(body) for body in self._out]
         self._rows = len(self._out)
         self._complete = True
+
+
+def _group_key(slots: list[tuple[int, Callable[[bytes], Any]]]) -> Callable[[list[Raw]], Any]:
+    """What partial groups are folded by: the equality keys of their GROUP BY values (one
+    value, or a tuple of them)."""
+    if not slots:
+        return lambda raws: ()
+    if len(slots) == 1:
+        ((j, fn),) = slots
+        return lambda raws: None if (v := raws[j]) is None else fn(v)
+    return _eq_fn(slots)
 
 
 class _FirstRole:

@@ -81,15 +81,23 @@ class _NaN:
     __slots__ = ()
 
     def __lt__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return False
 
     def __le__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return other is self
 
     def __gt__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return other is not self
 
     def __ge__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return True
 
     def __eq__(self, other: object) -> bool:
@@ -111,15 +119,23 @@ class _NegNaN:
     __slots__ = ()
 
     def __lt__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return other is not self
 
     def __le__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return True
 
     def __gt__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return False
 
     def __ge__(self, other: object) -> bool:
+        if other is NULLS_LAST or other is NULLS_FIRST:
+            return NotImplemented
         return other is self
 
     def __eq__(self, other: object) -> bool:
@@ -137,6 +153,57 @@ class _NegNaN:
 
 NAN = _NaN()
 NEG_NAN = _NegNaN()
+
+
+# -- NULL in a sort key --------------------------------------------------------------------
+
+
+class _NullsLast:
+    """A NULL where NULLs sort after every value (NaN included), equal only to itself.
+    Equality and hashing are object identity: no Python-level __eq__ slows the comparison
+    of ordinary keys."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: object) -> bool:
+        return False
+
+    def __le__(self, other: object) -> bool:
+        return other is self
+
+    def __gt__(self, other: object) -> bool:
+        return other is not self
+
+    def __ge__(self, other: object) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "NULL(last)"
+
+
+class _NullsFirst:
+    """A NULL where NULLs sort before every value, equal only to itself."""
+
+    __slots__ = ()
+
+    def __lt__(self, other: object) -> bool:
+        return other is not self
+
+    def __le__(self, other: object) -> bool:
+        return True
+
+    def __gt__(self, other: object) -> bool:
+        return False
+
+    def __ge__(self, other: object) -> bool:
+        return other is self
+
+    def __repr__(self) -> str:
+        return "NULL(first)"
+
+
+NULLS_LAST = _NullsLast()
+NULLS_FIRST = _NullsFirst()
 
 
 # -- reading text values ----------------------------------------------------------------
@@ -164,6 +231,28 @@ def date2j(year: int, month: int, day: int) -> int:
     return julian
 
 
+# Dates and zone offsets already read, by their text: a column's timestamps share few of
+# them, and date2j costs more than the rest of a timestamp. Bounded; a pure memo.
+_DAYS: dict[bytes, int] = {}
+_ZONES: dict[bytes, int] = {}
+_MEMO_SIZE = 50_000
+_FRACTION_SCALE = (1, 100_000, 10_000, 1_000, 100, 10, 1)
+# ord("0") times the weights of the digits in "HH:MM:SS" (as seconds)
+_DIGIT_ZEROS = 48 * (36000 + 3600 + 600 + 60 + 10 + 1)
+
+
+def _remember(memo: dict[bytes, int], text: bytes, value: int) -> None:
+    if len(memo) >= _MEMO_SIZE:
+        memo.clear()
+    memo[text] = value
+
+
+def _is_iso_date(text: bytes) -> bool:
+    """'YYYY-MM-DD', four digits of year: what the fast path reads."""
+    return (len(text) == 10 and text[4] == 45 and text[7] == 45  # "-"
+            and (text[:4] + text[5:7] + text[8:]).isdigit())
+
+
 def _bad_datetime(raw: bytes, what: str) -> MergeRefused:
     return MergeRefused(
         f"cannot read the {what} value {raw.decode('utf-8', 'replace')!r} returned by a shard",
@@ -173,6 +262,9 @@ def _bad_datetime(raw: bytes, what: str) -> MergeRefused:
 
 def date_days(raw: bytes) -> int:
     """Days since 2000-01-01 of a date in DateStyle ISO ('2020-01-31', '0044-03-15 BC')."""
+    known = _DAYS.get(raw)
+    if known is not None:
+        return known
     if raw == b"infinity":
         return DATE_END
     if raw == b"-infinity":
@@ -184,7 +276,10 @@ def date_days(raw: bytes) -> int:
         year = int(y)
         if bc:
             year = 1 - year
-        return date2j(year, int(m), int(d)) - POSTGRES_EPOCH_JDATE
+        days = date2j(year, int(m), int(d)) - POSTGRES_EPOCH_JDATE
+        if not bc and _is_iso_date(raw):
+            _remember(_DAYS, raw, days)
+        return days
     except ValueError:
         raise _bad_datetime(raw, "date") from None
 
@@ -210,9 +305,50 @@ def _zone_seconds(z: bytes) -> int:
     return sign * seconds
 
 
+def _timestamp_fast(raw: bytes, with_zone: bool) -> int | None:
+    """`timestamp_micros` for 'YYYY-MM-DD HH:MM:SS[.f][zone]' (AD) whose date and zone were
+    read before; None for anything else. May raise ValueError or IndexError on odd text.
+
+    A date found in _DAYS is an ISO date of four-digit year, so the text is DateStyle ISO,
+    where " HH:MM:SS" always follows."""
+    if raw[-1] == 67:  # " BC"
+        return None
+    days = _DAYS.get(raw[:10])
+    if days is None or raw[10] != 32:
+        return None
+    seconds = (raw[11] * 36000 + raw[12] * 3600 + raw[14] * 600 + raw[15] * 60
+               + raw[17] * 10 + raw[18] - _DIGIT_ZEROS)
+    if with_zone:
+        offset = _ZONES.get(raw[19:])
+        if offset is not None:  # no fraction
+            return days * USECS_PER_DAY + (seconds - offset) * 1_000_000
+        end = raw.find(b"+", 20)
+        if end < 0:
+            end = raw.find(b"-", 20)
+        offset = _ZONES.get(raw[end:]) if end > 0 else None
+        if offset is None:
+            return None
+    else:
+        end = len(raw)
+        if end == 19:
+            return days * USECS_PER_DAY + seconds * 1_000_000
+        offset = 0
+    fraction = raw[20:end]
+    if raw[19] != 46 or not 0 < len(fraction) <= 6 or not fraction.isdigit():  # "."
+        return None
+    return (days * USECS_PER_DAY + (seconds - offset) * 1_000_000
+            + int(fraction) * _FRACTION_SCALE[len(fraction)])
+
+
 def timestamp_micros(raw: bytes, with_zone: bool = False) -> int:
     """Microseconds since 2000-01-01 00:00 (UTC for timestamptz) of a timestamp printed in
     DateStyle ISO ('2020-01-31 12:00:00.5', '... +02', '... BC')."""
+    try:
+        fast = _timestamp_fast(raw, with_zone)
+    except (ValueError, IndexError):
+        fast = None
+    if fast is not None:
+        return fast
     if raw == b"infinity":
         return TS_END
     if raw == b"-infinity":
@@ -231,9 +367,15 @@ def timestamp_micros(raw: bytes, with_zone: bool = False) -> int:
             cut = max(time_part.rfind(b"+"), time_part.rfind(b"-"))
             if cut <= 0:
                 raise ValueError
-            offset = _zone_seconds(time_part[cut:])
+            zone = time_part[cut:]
+            offset = _zone_seconds(zone)
+            if not bc:
+                _remember(_ZONES, zone, offset)
             time_part = time_part[:cut]
-        return days * USECS_PER_DAY + _time_micros(time_part) - offset * 1_000_000
+        micros = days * USECS_PER_DAY + _time_micros(time_part) - offset * 1_000_000
+        if not bc and _is_iso_date(date_part):
+            _remember(_DAYS, date_part, days)
+        return micros
     except ValueError:
         raise _bad_datetime(raw, "timestamp") from None
 
@@ -271,8 +413,20 @@ def _bytea_key(raw: bytes) -> bytes:
     return raw
 
 
+def _timestamp_key(raw: bytes) -> int:
+    try:
+        fast = _timestamp_fast(raw, False)
+    except (ValueError, IndexError):
+        fast = None
+    return fast if fast is not None else timestamp_micros(raw)
+
+
 def _timestamptz_key(raw: bytes) -> int:
-    return timestamp_micros(raw, True)
+    try:
+        fast = _timestamp_fast(raw, True)
+    except (ValueError, IndexError):
+        fast = None
+    return fast if fast is not None else timestamp_micros(raw, True)
 
 
 def _identity(raw: bytes) -> bytes:
@@ -287,7 +441,7 @@ SORT_KEY: dict[int, Callable[[bytes], Any]] = {
     BOOL: _bool_key,
     TEXT: _identity, VARCHAR: _identity, UNKNOWN: _identity, NAME: _identity,
     BPCHAR: _bpchar_key,
-    DATE: date_days, TIMESTAMP: timestamp_micros, TIMESTAMPTZ: _timestamptz_key,
+    DATE: date_days, TIMESTAMP: _timestamp_key, TIMESTAMPTZ: _timestamptz_key,
     TIME: time_micros, UUID: _identity, BYTEA: _bytea_key,
 }
 

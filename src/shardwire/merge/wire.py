@@ -1,7 +1,8 @@
 """RowDescription and DataRow bodies: the only wire messages a merge reads or writes.
 
-Bodies are the message payloads without the type byte and length word. A DataRow stays bytes
-until a merge needs one of its columns, and then only that column is sliced out.
+Bodies are the message payloads without the type byte and length word; frames are whole
+messages, with them. A DataRow stays bytes until a merge needs one of its columns, and then
+only that column is sliced out.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _FIELD = struct.Struct("!ihihih")
 _NULL = _I32.pack(-1)
+_DATA_ROW = struct.Struct("!cI")
+FRAME_HEADER = 5  # type byte and length word before a message's body
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,3 +84,8 @@ def encode_data_row(values: Sequence[bytes | None]) -> bytes:
             parts.append(pack(len(v)))
             parts.append(v)
     return b"".join(parts)
+
+
+def data_row_frame(body: bytes) -> bytes:
+    """The whole DataRow message of a body."""
+    return _DATA_ROW.pack(b"D", len(body) + 4) + body

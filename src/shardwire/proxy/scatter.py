@@ -9,18 +9,12 @@ connections, the order of the shards' replies, back-pressure both ways, errors a
 from __future__ import annotations
 
 import asyncio
+import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from ..merge import (
-    Merge,
-    MergeError,
-    MergePlan,
-    MergeRefused,
-    encode_row_description,
-    parse_row_description,
-)
+from ..merge import Merge, MergeError, MergePlan, MergeRefused
 from .fanout import (
     ShardCall,
     ShardFailure,
@@ -31,8 +25,10 @@ from .fanout import (
 )
 from .protocol import messages as m
 from .protocol.errors import PgError
+from .protocol.framing import FrameError
 
 if TYPE_CHECKING:
+    from .pool import ServerConnection
     from .server import ClientConnection
 
 _I16 = struct.Struct("!h")
@@ -40,6 +36,7 @@ _I32 = struct.Struct("!i")
 _LEN = struct.Struct("!I")
 # A shard reading ahead of the others stops being read with this many rows held for it.
 HIGH_WATER = 2000
+_TYPE_OF = operator.itemgetter(0)  # a message's type byte
 
 
 def integer_param(value: bytes | None, fmt: int) -> int | None:
@@ -54,6 +51,33 @@ def integer_param(value: bytes | None, fmt: int) -> int | None:
     if len(value) in (2, 4, 8):
         return int.from_bytes(value, "big", signed=True)
     raise PgError("08P01", "incorrect binary data format in a LIMIT/OFFSET parameter")
+
+
+class ScatterCall(ShardCall):
+    """A shard's part of a scatter read. Its replies are split into whole messages
+    (`MessageReader.frames`), so that DataRows reach the client as the shard sent them,
+    without being framed again."""
+
+    __slots__ = ("on_frames",)
+
+    def __init__(self, index: int, conn: ServerConnection,
+                 on_frames: Callable[[ScatterCall, list[bytes]], None]) -> None:
+        super().__init__(index, conn, self._lost)
+        self.on_frames = on_frames
+
+    def data(self, conn: ServerConnection, data: bytes) -> None:
+        try:
+            frames = self.reader.frames(data)
+        except FrameError as e:
+            conn.abort(f"protocol error from server: {e.message}")
+            self.connection_lost(conn)
+            return
+        if frames:
+            self.on_frames(self, frames)
+
+    def _lost(self, call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
+        # ShardCall.connection_lost reports the loss as an empty list of messages.
+        self.on_frames(self, [])
 
 
 class ScatterRead:
@@ -73,7 +97,7 @@ class ScatterRead:
         self.unit = list(unit)
         self.param_types = tuple(param_types)
         self.functions = functions  # names the merge does not know: aggregates, maybe
-        self.calls: list[ShardCall] = []
+        self.calls: list[ScatterCall] = []
         self.merge: Merge | None = None
         self.described = False  # the shards' RowDescription was handled
         self.want_description = False
@@ -84,6 +108,9 @@ class ScatterRead:
         self.simple = self.unit[0][0] == ord("Q")
         self.max_rows = 0  # the Execute's row limit (asyncpg's fetchrow sends 1); 0: all
         self.sent = 0  # rows written to the client
+        # What the client is sent, held until there are rows for it or the statement ends:
+        # a small result goes out in one write.
+        self.held: list[bytes] = []
 
     # -- running ------------------------------------------------------------------------------
 
@@ -102,7 +129,7 @@ class ScatterRead:
         except PgError as e:
             client.write(self._failure(e))
             return
-        self.calls = [ShardCall(i, conn, self._messages) for i, conn in enumerate(conns)]
+        self.calls = [ScatterCall(i, conn, self._frames) for i, conn in enumerate(conns)]
         try:
             for conn in conns:
                 await apply_settings(conn, client.settings)
@@ -128,7 +155,7 @@ class ScatterRead:
             return
         client.scatter = self
         if not self.simple:
-            client.write(m.BIND_COMPLETE)
+            self.held.append(m.BIND_COMPLETE)
         for call in self.calls:
             call.conn.sink = call
             call.conn.write(request)
@@ -180,38 +207,54 @@ class ScatterRead:
 
     # -- the shards' replies ------------------------------------------------------------------
 
-    def _messages(self, call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
+    def _frames(self, call: ScatterCall, frames: list[bytes]) -> None:
         merge = self.merge
         assert merge is not None
-        out: list[bytes] = []
+        out = self.held
+        sent = self.sent
+        notified = False
         try:
-            self._read(call, msgs, merge, out)
+            notified = self._read(call, frames, merge, out)
         except MergeError as e:  # a value the merge cannot compute (overflow, division by 0)
             self._fail(PgError(e.sqlstate, e.message, e.hint))
-            if any(kind == 0x5A for kind, _ in msgs):  # the messages after it went unread
+            if any(frame[0] == 0x5A for frame in frames):  # the messages after it went unread
                 call.ready = True
         if call.lost:
             self._fail(call.error or PgError("08006", f"lost shard {call.shard}"))
             call.ready = True  # nothing more will come from it
-        if out:
-            self.client.write(b"".join(out))
         if self.client.closed and self.error is None:
             self._fail(PgError("08006", "the client went away"))
-        if all(c.ready for c in self.calls):
-            self._finish()
+        finished = all(c.ready for c in self.calls)
+        if finished:
+            self._finish(out)
+        elif self.sent == sent and not notified:
+            return  # nothing the client waits for yet: hold what there is
+        self.held = []
+        if out:
+            self.client.write(b"".join(out))
+        if finished and self.done is not None and not self.done.done():
+            self.done.set_result(None)
 
-    def _read(self, call: ShardCall, msgs: list[tuple[int, bytes]], merge: Merge,
-              out: list[bytes]) -> None:
+    def _read(self, call: ScatterCall, frames: list[bytes], merge: Merge,
+              out: list[bytes]) -> bool:
+        """Handle a shard's messages; what goes to the client is added to `out`. True if a
+        notice or notification was among them (it goes on at once)."""
         rows: list[bytes] = []
-        for kind, body in msgs:
-            if kind == 0x44:  # D
-                rows.append(body)
+        notified = False
+        if bytes(map(_TYPE_OF, frames)).count(0x44) == len(frames):
+            # Only DataRows: the bulk of a large result, handed on without a look at each.
+            rows = frames
+            frames = []
+        for frame in frames:
+            kind = frame[0]
+            if kind == 0x44:  # D: handed to the merge whole (see Merge.describe)
+                rows.append(frame)
             elif kind == 0x54:  # T
                 if not self.described:
                     self.described = True
-                    fields = merge.columns(parse_row_description(body))
+                    description = merge.describe(frame[5:], frames=True)
                     if self.simple or self.want_description:
-                        out.append(m.message(b"T", encode_row_description(fields)))
+                        out.append(m.message(b"T", description))
             elif kind == 0x43:  # C
                 if rows and self.error is None:
                     merge.feed(call.index, rows)
@@ -224,10 +267,11 @@ class ScatterRead:
                 if merge.complete and self.error is None:
                     continue  # the client has all its rows already (LIMIT)
                 if call.error is None:
-                    call.error = shard_error(call.shard, body)
+                    call.error = shard_error(call.shard, frame[5:])
                 self._fail(call.error)
             elif kind == 0x4E or kind == 0x41:  # a notice or a notification: pass it on
-                out.append(m.message(bytes([kind]), body))
+                out.append(frame)
+                notified = True
             elif kind == 0x6E:  # NoData: not a query that returns rows
                 if not self.described:
                     self.described = True
@@ -244,10 +288,11 @@ class ScatterRead:
                 taken = taken[:max(0, self.max_rows - self.sent)]
             if taken:
                 self.sent += len(taken)
-                out.append(b"".join([b"D" + _LEN.pack(len(r) + 4) + r for r in taken]))
+                out.append(b"".join(taken))  # whole DataRow messages
             # A merge complete before every shard is (LIMIT) lets them end by themselves: each
             # has a LIMIT of its own, and a cancel would cost the connection (see give_back).
             self._flow(call, merge)
+        return notified
 
     def _flow(self, call: ShardCall, merge: Merge) -> None:
         """Stop reading a shard that is far ahead of the others; read it again once the
@@ -304,19 +349,15 @@ class ScatterRead:
             if not call.ready:
                 call.cancel()
 
-    def _finish(self) -> None:
-        merge = self.merge
-        assert merge is not None
+    def _finish(self, out: list[bytes]) -> None:
+        """The statement's end, after what `out` holds for the client."""
         if self.error is not None:
-            self.client.write(self._failure(self.error))
+            out.append(self._failure(self.error))
         elif self.max_rows > 0 and self.sent >= self.max_rows:
             # As PostgreSQL does when an Execute's limit is reached: the portal is suspended.
-            self.client.write(m.message(b"s") + m.ready_for_query(b"I"))
+            out.append(m.message(b"s") + m.ready_for_query(b"I"))
         else:
-            out = m.command_complete(f"SELECT {self.sent}")
-            self.client.write(out + m.ready_for_query(b"I"))
-        if self.done is not None and not self.done.done():
-            self.done.set_result(None)
+            out.append(m.command_complete(f"SELECT {self.sent}") + m.ready_for_query(b"I"))
 
     def _failure(self, err: PgError) -> bytes:
         return m.error_response(err) + m.ready_for_query(b"I")

@@ -7,6 +7,7 @@ import struct
 from .errors import PgError
 
 _LEN = struct.Struct("!I").unpack_from
+_HEAD = struct.Struct("!BI").unpack_from  # type byte, length
 
 # Message types a client may send after authentication (PostgreSQL's frontend message set).
 FRONTEND_TYPES = frozenset(b"QPBEDCSHXdcfF")
@@ -22,10 +23,11 @@ class FrameError(PgError):
 class MessageReader:
     """Frames typed messages (`type byte, int32 length, payload`) out of received bytes.
 
-    `feed` returns complete messages as (type, payload) pairs and keeps any partial tail. A length
-    that is impossible or beyond `max_size` raises a fatal 08P01 error: the stream cannot be
-    resynchronised after that. A large message arriving in many pieces is collected in linear
-    time.
+    `feed` returns complete messages as (type, payload) pairs and keeps any partial tail;
+    `frames` returns them whole (type byte and length word included), for a caller that
+    forwards most of what it reads. A length that is impossible or beyond `max_size` raises
+    a fatal 08P01 error: the stream cannot be resynchronised after that. A large message
+    arriving in many pieces is collected in linear time.
     """
 
     __slots__ = ("_buf", "_need", "max_size", "allowed")
@@ -42,42 +44,53 @@ class MessageReader:
         return len(self._buf)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes]]:
-        buf: bytes | bytearray
-        if self._buf:
-            self._buf += data
-            if len(self._buf) < self._need:
-                return []
-            buf = self._buf
-        else:
-            buf = data
+        buf = self._join(data)
         out: list[tuple[int, bytes]] = []
+        if buf is None:
+            return out
+        append = out.append
+        allowed = self.allowed
+        max_size = self.max_size
         pos = 0
         n = len(buf)
-        allowed = self.allowed
-        need = 5
         while n - pos >= 5:
-            kind = buf[pos]
+            kind, length = _HEAD(buf, pos)
             if allowed is not None and kind not in allowed:
-                self._buf = bytearray()
-                raise FrameError("08P01", f"invalid frontend message type {kind}", fatal=True)
-            length = _LEN(buf, pos + 1)[0]
-            if length < 4 or length > self.max_size:
-                self._buf = bytearray()
-                raise FrameError(
-                    "08P01", f"invalid message length {length} for message type {chr(kind)!r}",
-                    hint=f"messages are limited to {self.max_size} bytes", fatal=True)
+                raise self._bad_type(kind)
+            if length < 4 or length > max_size:
+                raise self._bad_length(kind, length)
             end = pos + 1 + length
             if end > n:
-                need = end - pos
                 break
-            out.append((kind, bytes(buf[pos + 5:end])))
+            append((kind, buf[pos + 5:end]))
             pos = end
-        if pos < n:
-            self._buf = bytearray(buf[pos:]) if buf is not self._buf or pos else self._buf
-            self._need = need
-        else:
-            self._buf = bytearray()
-            self._need = 0
+        self._keep(buf, pos)
+        return out
+
+    def frames(self, data: bytes) -> list[bytes]:
+        """Like `feed`, each message whole: `frame[0]` is its type, `frame[5:]` its payload,
+        and the frame itself what to forward."""
+        buf = self._join(data)
+        out: list[bytes] = []
+        if buf is None:
+            return out
+        append = out.append
+        allowed = self.allowed
+        max_size = self.max_size
+        pos = 0
+        n = len(buf)
+        while n - pos >= 5:
+            kind, length = _HEAD(buf, pos)
+            if allowed is not None and kind not in allowed:
+                raise self._bad_type(kind)
+            if length < 4 or length > max_size:
+                raise self._bad_length(kind, length)
+            end = pos + 1 + length
+            if end > n:
+                break
+            append(buf[pos:end])
+            pos = end
+        self._keep(buf, pos)
         return out
 
     def split_whole(self, data: bytes) -> tuple[list[tuple[int, bytes]], bool]:
@@ -86,6 +99,41 @@ class MessageReader:
         whole = not self._buf
         msgs = self.feed(data)
         return msgs, whole and not self._buf
+
+    def _join(self, data: bytes) -> bytes | None:
+        """What to split: `data`, after the tail held back if there is one (joined into
+        bytes once, so that every message is sliced out with a single copy); None while
+        the message held back is still incomplete."""
+        if type(data) is not bytes:
+            data = bytes(data)  # slices must be bytes, whatever the caller had
+        held = self._buf
+        if not held:
+            return data
+        if len(held) + len(data) < self._need:
+            held += data
+            return None
+        self._buf = bytearray()
+        return b"".join((held, data))
+
+    def _keep(self, buf: bytes, pos: int) -> None:
+        """Hold back the incomplete tail `buf[pos:]`."""
+        n = len(buf)
+        if pos == n:
+            self._need = 0
+            return
+        self._buf = bytearray(buf[pos:])
+        # Until the header is there, 5 bytes; then the whole message.
+        self._need = 1 + _HEAD(buf, pos)[1] if n - pos >= 5 else 5
+
+    def _bad_type(self, kind: int) -> FrameError:
+        self._buf = bytearray()
+        return FrameError("08P01", f"invalid frontend message type {kind}", fatal=True)
+
+    def _bad_length(self, kind: int, length: int) -> FrameError:
+        self._buf = bytearray()
+        return FrameError(
+            "08P01", f"invalid message length {length} for message type {chr(kind)!r}",
+            hint=f"messages are limited to {self.max_size} bytes", fatal=True)
 
 
 def check_frontend_message(kind: int, body: bytes) -> None:
