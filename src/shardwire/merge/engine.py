@@ -851,16 +851,19 @@ class StreamMerge(Merge):
             self._out.extend(rows if output is None else [output(row) for row in rows])
             self._rows += len(rows)
         else:
-            self._run(rows, keys, 0, len(rows))
+            self._leave(rows, keys)
 
-    def _run(self, rows: list[bytes], keys: list[Any], i: int, j: int) -> None:
-        """Rows i..j-1 of one shard leave, in order: DISTINCT, OFFSET, LIMIT [WITH TIES]."""
+    def _leave(self, rows: list[bytes], keys: list[Any]) -> None:
+        """Merged rows (and their keys) leave, in order: DISTINCT [ON], OFFSET, LIMIT [WITH
+        TIES]."""
         eq = self._eq
         on = self._on
+        i = 0
+        j = len(rows)
         if eq is not None or on is not None:
             reader = self._reader
             assert reader is not None
-            for k in range(i, j):
+            for k in range(j):
                 if self._complete:
                     return
                 body = rows[k]

@@ -185,6 +185,10 @@ class StatementRouter:
                     known = e
                 except UnicodeDecodeError:
                     known = MergeError("22021", "the query is not valid UTF-8")
+                except Exception:  # a shape the planner does not expect: refuse, never crash
+                    known = MergeRefused(
+                        "the statement cannot be planned for a merge across shards",
+                        "add a condition on the sharding key that selects one shard")
             if len(self._merges) >= CACHE_LIMIT:
                 self._merges.clear()
             self._merges[sql] = known
