@@ -13,6 +13,7 @@ Two engines:
 
 from __future__ import annotations
 
+import abc
 import bisect
 import struct
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +43,7 @@ _INT8_MIN, _INT8_MAX = -(1 << 63), (1 << 63) - 1
 Raw = bytes | None
 
 
-class Merge:
+class Merge(abc.ABC):
     """One execution's merge. Single-threaded; the executor calls `columns` (or `describe`)
     once with the shards' RowDescription, then `feed`/`finish` per shard and `take` whenever
     it likes."""
@@ -65,8 +66,9 @@ class Merge:
 
     # -- interface
 
-    def columns(self, fields: list[Field]) -> list[Field]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def columns(self, fields: list[Field]) -> list[Field]:
+        ...
 
     def describe(self, row_description: bytes, *, frames: bool = False) -> bytes:
         """`columns` from the shards' RowDescription as it came (the message body); returns
@@ -80,14 +82,17 @@ class Merge:
         self._base = FRAME_HEADER if frames else 0
         return encode_row_description(self.columns(parse_row_description(row_description)))
 
-    def feed(self, shard: int, rows: list[bytes]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def feed(self, shard: int, rows: list[bytes]) -> None:
+        ...
 
-    def finish(self, shard: int) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def finish(self, shard: int) -> None:
+        ...
 
-    def take(self) -> list[bytes]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def take(self) -> list[bytes]:
+        ...
 
     def buffered(self, shard: int) -> int:
         return 0
