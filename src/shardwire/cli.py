@@ -126,12 +126,18 @@ def _explain(path: str, sql: str, *, as_json: bool) -> int:
     import json
 
     from .proxy.routing import StatementRouter
-    from .router.plan import Refusal, describe
+    from .router.plan import MultiShard, Refusal, describe
     from .router.route import RouteContext
+    from .router.split import SplitError, with_split_sql
     config = load_or_report(path)
     if config is None:
         return 1
     plan = StatementRouter(config.sharding).plan_query(sql.encode(), RouteContext())
+    if isinstance(plan, MultiShard) and plan.rows is not None:
+        try:
+            plan = with_split_sql(plan, sql.encode())
+        except SplitError as e:
+            plan = Refusal("0A000", f"cannot split the INSERT's text by row: {e}")
     out = describe(plan)
     if out.get("route") in ("single", "multi"):
         shards = out["shards"]

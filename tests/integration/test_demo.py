@@ -241,23 +241,32 @@ def assert_keyed_queries_work(url: str, demo: DemoShards) -> None:
 
 
 def assert_key_less_queries(url: str, demo: DemoShards) -> None:
-    """Reads without a key run on every shard, merged; writes without one are refused."""
+    """Reads without a key run on every shard, merged; a multi-row INSERT is split by shard;
+    a new user whose id the shard would make is refused."""
     with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
         for table in ("orders", "events", "users"):  # tenant, range and lookup rules
             total = sum(demo.count(shard, f"SELECT count(*) FROM {table}")
                         for shard in demo.names)
             assert conn.execute(f"SELECT count(*) FROM {table}").fetchone() == (total,)
-        for sql in (# users' ids default to shardwire_next_id() on the shard, but the
-                    # directory must place a new user before the row exists
-                    "INSERT INTO users (tenant_id, email, name, role)"
-                    " VALUES (1, 'x@acme-books.example', 'X', 'staff')",
-                    # rows for two shards in one INSERT: not split yet
-                    "INSERT INTO events (tenant_id, occurred_at, kind) VALUES"
-                    " (1, '2026-02-01', 'signup'), (1, '2026-08-01', 'signup')"):
-            with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
-                conn.execute(sql)
-            assert refused.value.diag.sqlstate == "0A000"
-            assert refused.value.diag.message_hint, sql
+        # users' ids default to shardwire_next_id() on the shard, but the directory must
+        # place a new user before the row exists
+        with pytest.raises(psycopg.errors.FeatureNotSupported) as refused:
+            conn.execute("INSERT INTO users (tenant_id, email, name, role)"
+                         " VALUES (1, 'x@acme-books.example', 'X', 'staff')")
+        assert refused.value.diag.sqlstate == "0A000"
+        assert refused.value.diag.message_hint
+        # Rows of two time ranges in one INSERT: each lands on its range's shard (the
+        # transaction is rolled back, so the demo data stays as it was).
+        where = "kind = 'split-check'"
+        before = [demo.count(shard, f"SELECT count(*) FROM events WHERE {where}")
+                  for shard in demo.names]
+        with conn.transaction(force_rollback=True):
+            cur = conn.execute("INSERT INTO events (tenant_id, occurred_at, kind) VALUES"
+                               " (1, '2026-02-01', 'split-check'),"
+                               " (1, '2026-08-01', 'split-check') RETURNING occurred_at")
+            assert [r[0].month for r in cur.fetchall()] == [2, 8]
+        assert [demo.count(shard, f"SELECT count(*) FROM events WHERE {where}")
+                for shard in demo.names] == before
         # The connection is still usable.
         assert conn.execute("SELECT count(*) FROM tenants WHERE tenant_id = 1").fetchone() == (1,)
 

@@ -45,3 +45,13 @@ def test_explain_a_refusal_exits_non_zero(config: str,
                  "INSERT INTO orders VALUES (1, 2)"]) == 1
     out = json.loads(capsys.readouterr().out)
     assert out["route"] == "refused" and out["sqlstate"] == "0A000"
+
+
+def test_explain_shows_each_shards_part_of_a_split_insert(
+        config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["explain", "--config", config, "--json",
+                 "INSERT INTO orders (id, tenant_id) VALUES (1, 2), (2, 1), (3, 2)"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["route"] == "multi" and out["rows"] == ["s2", "s1", "s2"]
+    assert out["sql"] == {"s1": "INSERT INTO orders (id, tenant_id) VALUES (2, 1)",
+                          "s2": "INSERT INTO orders (id, tenant_id) VALUES (1, 2), (3, 2)"}

@@ -6,7 +6,8 @@ participants: a plain COMMIT where at most one shard wrote, else two-phase commi
 TRANSACTION on every shard that wrote, the decision recorded durably in the catalog database,
 then COMMIT PREPARED everywhere (recovery finishes what a crash interrupts: twophase.py).
 `DistributedStatement` runs one statement on several shards outside a transaction block
-(DDL, maintenance, UPDATE/DELETE without a key, writes to reference tables).
+(DDL, maintenance, UPDATE/DELETE without a key, writes to reference tables, a multi-row
+INSERT split by shard).
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import os
 import re
 import struct
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .fanout import ShardCall, bind_parts, shard_error, take_connections
+from ..router.split import ShardText
+from .fanout import ShardCall, bind_parts, pick_params, shard_error, take_connections
 from .pool import ServerConnection
 from .protocol import messages as m
 from .protocol.errors import PgError
@@ -137,8 +139,13 @@ class Participant:
         conn.pool.release(conn)
 
 
-async def run_all(parts: Sequence[Participant], data: bytes, replies: int = 1) -> list[Reply]:
-    return list(await asyncio.gather(*(p.run(data, replies) for p in parts)))
+async def run_all(parts: Sequence[Participant], data: bytes | Mapping[str, bytes],
+                  replies: int = 1, *, before: bytes = b"") -> list[Reply]:
+    """Send every participant `data` (or its own entry of it, by shard), after `before`."""
+    if isinstance(data, bytes):
+        return list(await asyncio.gather(*(p.run(before + data, replies) for p in parts)))
+    return list(await asyncio.gather(*(p.run(before + data[p.shard], replies)
+                                       for p in parts)))
 
 
 def _first_error(replies: Sequence[Reply]) -> PgError | None:
@@ -262,10 +269,22 @@ _NO_TRANSACTION = re.compile(
 _TAG_COUNT = re.compile(rb"^(INSERT 0|UPDATE|DELETE|SELECT|MERGE|COPY) (\d+)$")
 
 
+def shard_requests(shards: Sequence[str], sql: bytes, unit: Sequence[tuple[int, bytes]],
+                   param_types: Sequence[int], split: Mapping[str, ShardText] | None = None
+                   ) -> dict[str, bytes]:
+    """What each shard gets: the client's statement, or its own part of a split INSERT."""
+    if split is None:
+        return dict.fromkeys(shards, statement_request(sql, unit, param_types))
+    return {shard: statement_request(split[shard].sql, unit, param_types,
+                                     split[shard].params) for shard in shards}
+
+
 def statement_request(sql: bytes, unit: Sequence[tuple[int, bytes]],
-                      param_types: Sequence[int]) -> bytes:
-    """What each shard gets for the client's statement: a Query, or Parse/Bind/Describe/
-    Execute/Sync of the client's statement with its parameters."""
+                      param_types: Sequence[int], numbers: Sequence[int] | None = None
+                      ) -> bytes:
+    """What a shard gets for the client's statement: a Query, or Parse/Bind/Describe/
+    Execute/Sync of the statement with its parameters (only the client's parameters
+    `numbers`, in that order, when the text was renumbered)."""
     if unit[0][0] == ord("Q"):
         return m.query(sql)
     kinds = [k for k, _ in unit]
@@ -274,10 +293,14 @@ def statement_request(sql: bytes, unit: Sequence[tuple[int, bytes]],
         raise PgError("0A000", "a statement for several shards must come as Bind, Describe "
                       "(optional), Execute, then Sync", hint="send it with the simple query "
                       "protocol")
-    params, _, _ = bind_parts(unit[0][1])
+    params, results, _ = bind_parts(unit[0][1])
+    if numbers is not None:
+        params = pick_params(params, numbers)
+        param_types = [param_types[n - 1] if n <= len(param_types) else 0 for n in numbers]
     types = b"".join(_LEN.pack(t) for t in param_types)
     return (m.message(b"P", b"\x00" + sql + b"\x00" + _I16.pack(len(param_types)) + types)
-            + m.message(b"B", b"\x00\x00" + params + b"\x00\x00")
+            + m.message(b"B", b"\x00\x00" + params + _I16.pack(len(results))
+                        + b"".join(_I16.pack(r) for r in results))
             + m.message(b"D", b"P\x00") + m.message(b"E", b"\x00\x00\x00\x00\x00") + m.SYNC)
 
 
@@ -305,13 +328,17 @@ class DistributedStatement:
 
     def __init__(self, client: ClientConnection, shards: Sequence[str], sql: bytes,
                  unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = (),
-                 same_rows: bool = False, wrote: bool = True) -> None:
+                 same_rows: bool = False, wrote: bool = True,
+                 split: Mapping[str, ShardText] | None = None,
+                 rows: Sequence[str] | None = None) -> None:
         self.client = client
         self.shards = sorted(shards)
         self.sql = sql
         self.unit = list(unit)
         self.param_types = tuple(param_types)
         self.same_rows = same_rows  # every shard holds the same rows (a reference table)
+        self.split = split  # a multi-row INSERT: each shard's own statement
+        self.rows = rows  # ... and the shard of each of its rows, in order
         self.wrote = wrote
         self.simple = self.unit[0][0] == ord("Q")
         self.started = time.monotonic()
@@ -330,7 +357,8 @@ class DistributedStatement:
     async def run(self) -> None:
         client = self.client
         try:
-            request = statement_request(self.sql, self.unit, self.param_types)
+            requests = shard_requests(self.shards, self.sql, self.unit, self.param_types,
+                                      self.split)
             conns = await take_connections([client.proxy.pool_for(s) for s in self.shards])
         except PgError as e:
             client.write(self._reply([], e))
@@ -343,10 +371,10 @@ class DistributedStatement:
             for conn in conns:
                 await apply_settings(conn, client.settings)
             if _NO_TRANSACTION.match(self.sql):
-                replies = await run_all(parts, request)
+                replies = await run_all(parts, requests)
                 client.write(self._reply(replies, _first_error(replies)))
                 return
-            replies = await run_all(parts, m.query("BEGIN") + request, 2)
+            replies = await run_all(parts, requests, 2, before=m.query("BEGIN"))
             running.discard(self)
             error = _first_error(replies)
             if error is not None and self.deadlocked:
@@ -374,16 +402,20 @@ class DistributedStatement:
             for reply in replies:
                 out.extend(m.message(b"N", n) for n in reply.notices)
             return b"".join(out) + m.error_response(error) + m.ready_for_query(b"I")
-        out.append(statement_reply(self.unit, replies, same_rows=self.same_rows))
+        out.append(statement_reply(self.unit, replies, same_rows=self.same_rows,
+                                   rows=self.rows, shards=self.shards))
         out.append(m.ready_for_query(b"I"))
         return b"".join(out)
 
 
 def statement_reply(unit: Sequence[tuple[int, bytes]], replies: Sequence[Reply], *,
-                    same_rows: bool) -> bytes:
+                    same_rows: bool, rows: Sequence[str] | None = None,
+                    shards: Sequence[str] = ()) -> bytes:
     """What the client gets for its statement run on several shards (after any
     BindComplete, before ReadyForQuery): notices, the description, the rows (RETURNING) and
-    one command tag."""
+    one command tag. For a split INSERT (`rows`: the shard of each VALUES row; `shards`: whose
+    the replies are), RETURNING rows come back in the order of the VALUES rows, as from one
+    server, whenever every shard returned one row per row it inserted."""
     out: list[bytes] = []
     for reply in replies:
         out.extend(m.message(b"N", n) for n in reply.notices)
@@ -393,10 +425,23 @@ def statement_reply(unit: Sequence[tuple[int, bytes]], replies: Sequence[Reply],
             out.append(described)
     elif any(k == ord("D") for k, _ in unit):
         out.append(described or m.NO_DATA)
-    for reply in replies[:1] if same_rows else replies:
-        out.extend(b"D" + _LEN.pack(len(r) + 4) + r for r in reply.rows)
+    returned = _in_row_order(replies, rows, shards) if rows is not None else None
+    if returned is None:
+        returned = [r for reply in (replies[:1] if same_rows else replies) for r in reply.rows]
+    out.extend(b"D" + _LEN.pack(len(r) + 4) + r for r in returned)
     out.append(m.message(b"C", combined_tag(replies, same_rows=same_rows) + b"\x00"))
     return b"".join(out)
+
+
+def _in_row_order(replies: Sequence[Reply], rows: Sequence[str], shards: Sequence[str]
+                  ) -> list[bytes] | None:
+    """The shards' RETURNING rows in the order of the inserted rows; None when a shard
+    returned a different number of rows (ON CONFLICT DO NOTHING skipped some)."""
+    by_shard = {shard: iter(reply.rows) for shard, reply in zip(shards, replies, strict=True)}
+    counts = {shard: len(reply.rows) for shard, reply in zip(shards, replies, strict=True)}
+    if any(counts.get(shard, 0) != rows.count(shard) for shard in by_shard):
+        return None
+    return [next(by_shard[shard]) for shard in rows]
 
 
 _SAVEPOINT_NAME = re.compile(rb'("(?:[^"]|"")+"|[A-Za-z_][\w$]*)\s*;?\s*$')

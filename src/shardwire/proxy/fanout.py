@@ -173,6 +173,30 @@ def bind_parts(body: bytes) -> tuple[bytes, tuple[int, ...], tuple[bytes | None,
     return params, tuple(results), tuple(values)
 
 
+def pick_params(section: bytes, numbers: Sequence[int]) -> bytes:
+    """A Bind's parameter part (formats, values) with only the parameters `numbers` (the
+    client's $n, 1-based), in that order: for a statement whose text was renumbered."""
+    (nformats,) = _I16.unpack_from(section, 0)
+    pos = 2 + 2 * max(nformats, 0)
+    formats = struct.unpack_from(f"!{nformats}h", section, 2) if nformats > 0 else ()
+    (nvalues,) = _I16.unpack_from(section, pos)
+    pos += 2
+    values: list[bytes] = []
+    for _ in range(max(nvalues, 0)):
+        (length,) = _I32.unpack_from(section, pos)
+        end = pos + 4 + max(length, 0)
+        values.append(section[pos:end])  # the length and the value, as sent
+        pos = end
+    if numbers and max(numbers) > len(values):
+        raise PgError("08P01", f"bind message supplies {len(values)} parameters, but the "
+                      f"statement uses ${max(numbers)}")
+    if len(formats) > 1:
+        formats = tuple(formats[n - 1] if n <= len(formats) else 0 for n in numbers)
+    out = [_I16.pack(len(formats)), *(_I16.pack(f) for f in formats),
+           _I16.pack(len(numbers)), *(values[n - 1] for n in numbers)]
+    return b"".join(out)
+
+
 async def query_rows(conn: ServerConnection, sql: str) -> list[list[str | None]]:
     """The rows (as text) of a query of the proxy's own, run on an idle connection."""
     rows: list[list[str | None]] = []

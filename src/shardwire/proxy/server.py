@@ -13,7 +13,7 @@ import signal
 import ssl
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .. import __version__
 from ..config.load import load_config
@@ -37,6 +37,7 @@ from ..router.plan import (
 )
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
+from ..router.split import ShardText, SplitError, split_insert
 from .directory import Directory
 from .distributed import (
     DEADLOCK_CHECK_INTERVAL,
@@ -49,8 +50,8 @@ from .distributed import (
     deadlock_error,
     follow_savepoints,
     run_all,
+    shard_requests,
     statement_reply,
-    statement_request,
 )
 from .fanout import apply_settings, query_rows, quote_literal, show
 from .pool import Pool, ServerConnection
@@ -777,6 +778,8 @@ class ClientConnection(asyncio.Protocol):
                 "use transaction pooling; see docs/pooling.md"), msg, ends_unit=ends_unit)
         elif server.link.status == b"E":
             self._write_server([msg])  # the transaction has failed: the server says so
+        elif self._pipeline_stays(server):
+            self._refuse(self._pipeline_error(server, target), msg, ends_unit=ends_unit)
         elif server.link.busy or self.portal_open:
             # The statement before it is still running (or its batch is open): this one
             # goes to its shard once that is answered.
@@ -787,6 +790,24 @@ class ClientConnection(asyncio.Protocol):
             self.queries -= 1
         else:
             self._switch_shard(target, msg)
+
+    def _pipeline_stays(self, server: ServerConnection) -> bool:
+        """Whether statements of the client's open pipeline (Bind/Execute sent, no Sync yet)
+        ran on `server` in a way another shard cannot join: outside a transaction block they
+        are one implicit transaction, committed or rolled back together at the Sync; inside
+        one, their replies are still due and the Sync that brings them has not come."""
+        return self.portal_open and (
+            (server.link.status == b"I" and self.begin_sql is None)
+            or not server.link.open_batch_only)
+
+    def _pipeline_error(self, server: ServerConnection, target: str) -> PgError:
+        return PgError(
+            "0A000", f"the statement needs shard {target}, and the statements before it in "
+            f"the same pipeline (no Sync since them) ran on shard {server.pool.shard}; "
+            "Shardwire keeps the statements between two Syncs on one shard",
+            hint="send a Sync after each statement (for example one executemany call per "
+            "shard), or insert the rows with one multi-row INSERT, which Shardwire splits by "
+            "shard")
 
     # -- transactions on several shards ---------------------------------------------------
     #
@@ -1030,6 +1051,10 @@ class ClientConnection(asyncio.Protocol):
                 self.retry = True  # waiting for a connection: the Bind comes again
                 self.queries -= 1
                 return
+        if server is not None and self._pipeline_stays(server):
+            self._refuse(self._pipeline_error(server, ", ".join(plan.shards)), msg,
+                         ends_unit=ends_unit)
+            return
         if server is not None and (server.link.busy or self.portal_open or (
                 self.pinned is None and server.link.status == b"I")):
             # Wait for that connection to answer (and, outside a transaction, to go back to
@@ -1061,24 +1086,30 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and server.link.status == b"E":
             self._write_server([msg])  # the transaction has failed: the server says so
             return
-        if a.insert_keys is not None and a.rule is not None and plan.write:
-            self._refuse(PgError(
-                "0A000", f"the INSERT has rows for several shards ({shards}); this version "
-                "of Shardwire does not split a multi-row INSERT by shard yet",
-                hint="insert the rows of each shard in a statement of their own (in one "
-                "transaction, they commit together)"), msg, ends_unit=ends_unit)
-            return
+        split: dict[str, ShardText] | None = None
+        if plan.rows is not None:
+            try:
+                split = split_insert(sql, plan.rows)
+            except SplitError as e:
+                self._refuse(PgError(
+                    "0A000", f"the INSERT has rows for several shards ({shards}) and "
+                    f"Shardwire cannot split its text by row: {e}",
+                    hint="insert the rows of each shard in a statement of their own (in one "
+                    "transaction, they commit together)"), msg, ends_unit=ends_unit)
+                return
         same_rows = plan.write and a.rule is None  # writes to reference tables
         if plan.write or a.kind in (Kind.DDL, Kind.MAINTENANCE):
             if in_transaction:
                 def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
                     return self._run_in_transaction(plan.shards, sql, unit, param_types,
-                                                    same_rows=same_rows)
+                                                    same_rows=same_rows, split=split,
+                                                    rows=plan.rows)
             else:
                 def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
                     return DistributedStatement(self, plan.shards, sql, unit,
                                                 param_types=param_types, same_rows=same_rows,
-                                                wrote=plan.write or a.kind is Kind.DDL).run()
+                                                wrote=plan.write or a.kind is Kind.DDL,
+                                                split=split, rows=plan.rows).run()
         elif in_transaction:
             self._refuse(PgError(
                 "0A000", f"the query needs rows from several shards ({shards}) inside a "
@@ -1105,11 +1136,12 @@ class ClientConnection(asyncio.Protocol):
 
     async def _run_in_transaction(self, shards: Sequence[str], sql: bytes,
                                   unit: list[tuple[int, bytes]], param_types: Sequence[int],
-                                  *, same_rows: bool) -> None:
+                                  *, same_rows: bool, split: Mapping[str, ShardText] | None,
+                                  rows: Sequence[str] | None) -> None:
         """A statement for several shards inside the client's transaction: each shard's
         connection joins the transaction if it has not yet, and runs it."""
         try:
-            request = statement_request(sql, unit, param_types)
+            requests = shard_requests(shards, sql, unit, param_types, split)
         except PgError as e:
             self.write(m.error_response(e) + m.ready_for_query(self._status()))
             return
@@ -1135,8 +1167,8 @@ class ClientConnection(asyncio.Protocol):
                  for shard in sorted(shards)]
         first, count = tx.joining_queries()
         replies = await asyncio.gather(*(
-            p.run(first + request, count + 1) if p.shard in joining else p.run(request)
-            for p in parts))
+            p.run(first + requests[p.shard], count + 1) if p.shard in joining
+            else p.run(requests[p.shard]) for p in parts))
         for part in parts:
             part.detach()
             part.wrote = True
@@ -1150,7 +1182,8 @@ class ClientConnection(asyncio.Protocol):
         if errors:
             self.write(b"".join(out) + m.error_response(errors[0]) + m.ready_for_query(b"E"))
             return
-        self.write(b"".join(out) + statement_reply(unit, replies, same_rows=same_rows)
+        self.write(b"".join(out) + statement_reply(unit, replies, same_rows=same_rows,
+                                                   rows=rows, shards=sorted(shards))
                    + m.ready_for_query(status))
 
     def _run_multi(self, unit: list[tuple[int, bytes]]) -> None:

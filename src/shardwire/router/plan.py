@@ -33,6 +33,8 @@ class MultiShard:
     write: bool
     reason: str
     sql: dict[str, bytes] | None = None  # per-shard statements, where they differ
+    # A multi-row INSERT ... VALUES: the shard of each row, in order (split by shard).
+    rows: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +68,10 @@ def describe(plan: Plan) -> dict[str, object]:
             return out
         case AnyShard(reason=reason):
             return {"route": "any", "shards": [], "reason": reason}
-        case MultiShard(shards=shards, write=write, reason=reason, sql=sql):
+        case MultiShard(shards=shards, write=write, reason=reason, sql=sql, rows=rows):
             out = {"route": "multi", "shards": list(shards), "write": write, "reason": reason}
+            if rows is not None:
+                out["rows"] = list(rows)
             if sql is not None:
                 out["sql"] = {k: v.decode("utf-8", "replace") for k, v in sql.items()}
             return out

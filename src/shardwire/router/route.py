@@ -109,11 +109,12 @@ def _route(a: Analysis, smap: ShardMap, values: Values, ctx: RouteContext) -> Pl
             return None, False
 
     inserted: frozenset[str] | None = None
+    rows: tuple[str, ...] | None = None
     if a.insert_keys is not None:
         found = _insert(a, rule, resolve, ctx)
         if isinstance(found, Refusal):
             return found
-        inserted = found
+        rows, inserted = found, frozenset(found)
     forced_key: frozenset[str] | None = None
     if ctx.key is not None and all(isinstance(c.condition, Unknown) for c in a.classes):
         try:
@@ -161,6 +162,9 @@ def _route(a: Analysis, smap: ShardMap, values: Values, ctx: RouteContext) -> Pl
         shard = next(iter(union))
         return SingleShard(shard, _because(a, rule, shard))
     ordered = tuple(s for s in smap.shards if s in union)
+    if rows is not None and union == inserted:
+        return MultiShard(ordered, write, f"{rule.name}: the rows go to {', '.join(ordered)}",
+                          rows=rows)
     return _many(ordered, write, f"{rule.name}: the key may be on {', '.join(ordered)}")
 
 
@@ -176,8 +180,8 @@ def _many(shards: tuple[str, ...], write: bool, reason: str) -> Plan:
 
 def _insert(a: Analysis, rule: Rule,
             resolve: Callable[[Slot], tuple[KeyValue | None, bool]],
-            ctx: RouteContext) -> frozenset[str] | Refusal:
-    """The shards of the rows an INSERT ... VALUES writes, or why it is refused."""
+            ctx: RouteContext) -> tuple[str, ...] | Refusal:
+    """The shard of each row an INSERT ... VALUES writes, or why it is refused."""
     assert a.insert_keys is not None
     table = next((t for t in a.writes), None)
     shards: list[str] = []
@@ -209,7 +213,7 @@ def _insert(a: Analysis, rule: Rule,
         shards.append(shard)
     if missing:
         raise _Missing(rule, missing, assign=True)
-    return frozenset(shards)
+    return tuple(shards)
 
 
 def _slot_text(slot: Slot) -> str:

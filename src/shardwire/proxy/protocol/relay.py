@@ -210,8 +210,9 @@ class ServerLink:
     def refusal(self, error: bytes, *, own_unit: bool) -> bytes:
         """Messages that make the server fail in order, the failure shown as `error` (a whole
         ErrorResponse). `own_unit`: they end with a Sync of their own (in place of a Query);
-        otherwise they join the client's open batch, whose Sync comes later."""
-        self.replace_errors[self._unit_seq] = error
+        otherwise they join the client's open batch, whose Sync comes later (the first
+        failure of a batch is the one shown: the server skips the rest up to the Sync)."""
+        self.replace_errors.setdefault(self._unit_seq, error)
         bind = m.message(b"B", b"\x00" + _REFUSED_NAME + b"\x00\x00\x00\x00\x00\x00\x00")
         self._dirty = True
         if own_unit:
