@@ -775,6 +775,43 @@ def test_a_pipeline_across_shards_is_refused_whole(dsn: str,
     assert notes_by_shard(shards, ORDERS) == {"s1": [], "s2": ["p", "p"], "s3": []}
 
 
+def test_a_query_string_across_shards_is_one_transaction(
+        dsn: str, uri: str, shards: list[PostgresCluster]) -> None:
+    """Statements of one simple Query for different shards run each on its own shard, in
+    order, and commit together; an error in any of them undoes them all, as on one server."""
+    out = psql(uri, "-c", f"insert into {ORDERS} (id, tenant_id, note) values (1, 1, 'a'); "
+               f"insert into {ORDERS} (id, tenant_id, note) values (2, 3, 'b'), (3, 2, 'c'); "
+               f"select note from {ORDERS} where tenant_id = 3").stdout
+    assert out.split() == ["INSERT", "0", "1", "INSERT", "0", "2", "b"]
+    script = (f"BEGIN; UPDATE {ORDERS} SET amount = 7 WHERE tenant_id = 1; "
+              f"UPDATE {ORDERS} SET amount = 8 WHERE tenant_id IN (2, 3); COMMIT;")
+
+    async def main() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(script)  # no arguments: the simple protocol
+            with pytest.raises(asyncpg.DivisionByZeroError):
+                await conn.execute(
+                    f"update {ORDERS} set note = 'lost' where tenant_id = 1; "
+                    f"update {ORDERS} set note = 'lost' where tenant_id = 2; "
+                    f"select 1 / (amount - 8) from {ORDERS} where tenant_id = 3")
+            assert await conn.fetchval("select 1") == 1
+            await conn.execute("begin")
+            with pytest.raises(asyncpg.FeatureNotSupportedError):
+                await conn.execute(f"update {ORDERS} set note = 'no' where tenant_id = 1; "
+                                   f"update {ORDERS} set note = 'no' where tenant_id = 2")
+            await conn.execute("rollback")
+        finally:
+            await close(conn)
+
+    run(main())
+    assert {name: on_shard(c, f"select id, amount, note from {ORDERS} order by id")
+            for name, c in zip(SHARD_NAMES, shards, strict=True)} == {
+        "s1": [(1, 7, "a")], "s2": [(3, 8, "c")], "s3": [(2, 8, "b")]}
+    tags = psql(uri, stdin=f"{script}\n", check=True).stdout.split()
+    assert tags == ["BEGIN", "UPDATE", "1", "UPDATE", "2", "COMMIT"], tags
+
+
 def test_multi_row_insert_is_all_or_nothing(dsn: str, shards: list[PostgresCluster]) -> None:
     """A row failing on one shard undoes the rows of the others; inside a transaction block
     the split rows are the transaction's, on every shard, until it ends."""

@@ -23,7 +23,9 @@ Expectations:
   the exact set is a matter of precision but missing one of them is a wrong answer);
 - `{any: true}`: AnyShard;
 - `{refused: "0A000", message_contains: "..."}`: Refusal with that SQLSTATE;
-- `{lookup: rule, keys: [...]}`: NeedLookup for that rule (and those keys, when given).
+- `{lookup: rule, keys: [...]}`: NeedLookup for that rule (and those keys, when given);
+- `{each: [[s1], [s2, s3], []]}`: a query string whose statements run each on its own shards,
+  in one transaction across them (EachStatement): per statement, its shards ([] for any).
 
 A case without `params` goes through `StatementRouter.plan_query` (the simple protocol, with
 literal fingerprinting); a case with `params` through `prepared` + `plan_bind` (the extended
@@ -51,6 +53,7 @@ from shardwire.config import parse_config
 from shardwire.proxy.routing import BindValues, StatementRouter
 from shardwire.router.plan import (
     AnyShard,
+    EachStatement,
     MultiShard,
     NeedLookup,
     Plan,
@@ -66,7 +69,7 @@ HERE = Path(__file__).parent / "routing"
 MAPS = HERE / "maps"
 CASES = HERE / "cases"
 
-EXPECT_KEYS = {"shards", "single", "covers", "any", "refused", "lookup"}
+EXPECT_KEYS = {"shards", "single", "covers", "any", "refused", "lookup", "each"}
 CASE_KEYS = {"map", "sql", "params", "types", "binary", "context", "timezone", "expect", "why"}
 
 
@@ -270,6 +273,13 @@ def mismatch(case: Case, plan: Plan) -> str | None:
             return f"expected Refusal {e['refused']}"
         if "message_contains" in e and e["message_contains"] not in plan.message:
             return f"expected the message to contain {e['message_contains']!r}"
+        return None
+    if "each" in e:
+        if not isinstance(plan, EachStatement):
+            return "expected EachStatement"
+        got = [[] if isinstance(p, AnyShard) else sorted(shards_of(p) or ()) for p in plan.plans]
+        if got != [sorted(x) for x in e["each"]]:
+            return f"expected the statements on {e['each']}"
         return None
     if "lookup" in e:
         if not isinstance(plan, NeedLookup) or plan.rule != e["lookup"]:

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from ..router.split import ShardText
-from .fanout import ShardCall, bind_parts, pick_params, shard_error, take_connections
+from .fanout import (
+    ShardCall,
+    apply_settings,
+    bind_parts,
+    pick_params,
+    shard_error,
+    take_connections,
+)
 from .pool import ServerConnection
 from .protocol import messages as m
 from .protocol.errors import PgError
@@ -367,7 +374,6 @@ class DistributedStatement:
         running = client.proxy.distributed_running
         running.add(self)
         try:
-            from .fanout import apply_settings
             for conn in conns:
                 await apply_settings(conn, client.settings)
             if _NO_TRANSACTION.match(self.sql):
@@ -406,6 +412,89 @@ class DistributedStatement:
                                    rows=self.rows, shards=self.shards))
         out.append(m.ready_for_query(b"I"))
         return b"".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One statement of a query string run across shards: its text and where it runs."""
+
+    sql: bytes
+    shards: tuple[str, ...]  # empty: any participant
+    write: bool = False
+    same_rows: bool = False  # a reference table: every shard returns the same rows
+    split: Mapping[str, ShardText] | None = None  # a multi-row INSERT split by shard
+    rows: tuple[str, ...] | None = None
+
+
+class QueryString(DistributedStatement):
+    """A query string whose statements need different shards, outside a transaction block:
+    one transaction across them, as one server runs a query string in one implicit
+    transaction. Each statement runs in order on its shards (a participant begins at its
+    first); the first error rolls every participant back after the results so far, as on
+    one server; at the end the coordinator commits them together. `tags`: the BEGIN and
+    COMMIT the string was written with, answered around its statements."""
+
+    def __init__(self, client: ClientConnection, shards: Sequence[str], steps: Sequence[Step],
+                 *, begin: bytes = b"BEGIN", tags: bool = False) -> None:
+        super().__init__(client, shards, b"", [(ord("Q"), b"")])
+        self.steps = list(steps)
+        self.begin = begin
+        self.tags = tags
+
+    async def run(self) -> None:
+        client = self.client
+        try:
+            conns = await take_connections([client.proxy.pool_for(s) for s in self.shards])
+        except PgError as e:
+            client.write(m.error_response(e) + m.ready_for_query(b"I"))
+            return
+        parts = self.parts = [Participant(conn) for conn in conns]
+        by_shard = {p.shard: p for p in parts}
+        begun: set[str] = set()
+        out = [m.command_complete("BEGIN")] if self.tags else []
+        running = client.proxy.distributed_running
+        running.add(self)
+        try:
+            for conn in conns:
+                await apply_settings(conn, client.settings)
+            for step in self.steps:
+                targets = [by_shard[s] for s in step.shards] or [parts[0]]
+                requests = shard_requests([p.shard for p in targets], step.sql, self.unit, (),
+                                          step.split)
+                begin = m.query(self.begin)
+                replies = list(await asyncio.gather(*(
+                    p.run(requests[p.shard], 1) if p.shard in begun
+                    else p.run(begin + requests[p.shard], 2) for p in targets)))
+                begun.update(p.shard for p in targets)
+                for part in targets:
+                    part.wrote = part.wrote or step.write
+                error = _first_error(replies)
+                if error is not None:
+                    if self.deadlocked:
+                        error = deadlock_error(self.shards)
+                    await client.proxy.coordinator.rollback(parts)
+                    out.extend(m.message(b"N", n) for r in replies for n in r.notices)
+                    client.write(b"".join(out) + m.error_response(error)
+                                 + m.ready_for_query(b"I"))
+                    return
+                out.append(statement_reply(self.unit, replies, same_rows=step.same_rows,
+                                           rows=step.rows, shards=[p.shard for p in targets]))
+            running.discard(self)
+            _, error = await client.proxy.coordinator.commit(
+                [p for p in parts if p.shard in begun])
+            if error is not None:
+                out.append(m.error_response(error))
+            elif self.tags:
+                out.append(m.command_complete("COMMIT"))
+            client.write(b"".join(out) + m.ready_for_query(b"I"))
+        except Exception:
+            for part in parts:
+                part.status = b"E"  # not to be reused: its state is unknown
+            raise
+        finally:
+            running.discard(self)
+            for part in parts:
+                part.give_back()
 
 
 def statement_reply(unit: Sequence[tuple[int, bytes]], replies: Sequence[Reply], *,

@@ -19,7 +19,15 @@ from ..merge import MergeError, MergePlan, MergeRefused, plan_merge
 from ..router.analyze import Analysis, Eq, Kind, Slot, analyze, fix_comma_params
 from ..router.classify import split_statements
 from ..router.fingerprint import LITERAL_BASE, FingerprintCache, Literal
-from ..router.plan import AnyShard, MultiShard, NeedLookup, Plan, Refusal, SingleShard
+from ..router.plan import (
+    AnyShard,
+    EachStatement,
+    MultiShard,
+    NeedLookup,
+    Plan,
+    Refusal,
+    SingleShard,
+)
 from ..router.route import RouteContext, route
 from ..router.shardmap import KeyType, KeyValue, RuleKind, ShardMap
 from ..router.values import decode_param, parse_number, to_key
@@ -137,7 +145,8 @@ class StatementRouter:
             fast = self._fast(analyses[0], values)
             if fast is not None:
                 return fast
-        return combine([route(a, self.smap, values, ctx) for a in analyses])
+        return combine([route(a, self.smap, values, ctx) for a in analyses], analyses,
+                       self.smap.shards)
 
     def _fast(self, a: Analysis, values: Callable[[Slot, KeyType], KeyValue | None]
               ) -> SingleShard | None:
@@ -229,7 +238,8 @@ class StatementRouter:
             fast = self._fast(analyses[0], values)
             if fast is not None:
                 return fast
-        return combine([route(a, self.smap, values, ctx) for a in analyses])
+        return combine([route(a, self.smap, values, ctx) for a in analyses], analyses,
+                       self.smap.shards)
 
 
 _UNSET = object()
@@ -328,26 +338,43 @@ def literal_value(slot: Slot, text: str, is_string: bool, key_type: KeyType,
     return to_key(value, key_type, timezone=timezone)
 
 
-def combine(plans: list[Plan]) -> Plan:
-    """One plan for the statements of one query string: they must agree on one shard."""
+def combine(plans: list[Plan], analyses: Sequence[Analysis], order: Sequence[str]) -> Plan:
+    """One plan for the statements of one query string: their shard when they agree on one,
+    else each statement on its own shards in one transaction (`EachStatement`)."""
     if len(plans) == 1:
         return plans[0]
     single: SingleShard | None = None
+    spread = False
     for plan in plans:
-        if isinstance(plan, Refusal):
-            return plan
-        if isinstance(plan, AnyShard):
-            continue
-        if isinstance(plan, (MultiShard, NeedLookup)):
-            return Refusal("0A000", "a statement of this query string needs several shards, "
-                           "which this version of Shardwire runs only for single statements",
+        if isinstance(plan, (Refusal, NeedLookup)):
+            return plan  # a directory read comes first; the string is planned again after it
+        if isinstance(plan, MultiShard):
+            spread = True
+        elif isinstance(plan, SingleShard):
+            spread = spread or (single is not None and single.shard != plan.shard)
+            single = single or plan
+    if not spread:
+        return single or plans[0]
+    begin = (analyses[0].kind is Kind.TRANSACTION and analyses[-1].kind is Kind.TRANSACTION
+             and analyses[0].words[:1] in (("begin",), ("start",))
+             and analyses[-1].words[:1] in (("commit",), ("end",)))
+    body = slice(1, -1) if begin else slice(None)
+    steps: list[SingleShard | AnyShard | MultiShard] = []
+    for a, plan in zip(analyses[body], plans[body], strict=True):
+        if a.kind in (Kind.SESSION, Kind.TRANSACTION):
+            return Refusal("0A000", "the statements of this query string need different "
+                           f"shards, and one of them ({' '.join(a.words[:2]).upper()}) "
+                           "changes the session or the transaction",
+                           hint="send that statement as a query of its own")
+        if isinstance(plan, MultiShard) and not plan.write and a.kind is Kind.READ:
+            return Refusal("0A000", "a statement of this query string reads rows of several "
+                           "shards, which Shardwire merges only for a query of its own",
                            hint="send the statements as separate queries")
-        if single is not None and single.shard != plan.shard:
-            return Refusal("0A000", "the statements of this query string go to different "
-                           f"shards ({single.shard} and {plan.shard})",
-                           hint="send them as separate queries")
-        single = single or plan
-    return single or plans[0]
+        assert isinstance(plan, (SingleShard, AnyShard, MultiShard))
+        steps.append(plan)
+    used = {s for p in steps if isinstance(p, SingleShard) for s in (p.shard,)} | {
+        s for p in steps if isinstance(p, MultiShard) for s in p.shards}
+    return EachStatement(tuple(steps), tuple(s for s in order if s in used), begin)
 
 
 def _unknown_functions(sql: str) -> frozenset[str]:

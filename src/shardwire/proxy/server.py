@@ -25,9 +25,11 @@ from ..router.classify import (
     replayable_setting,
     session_reset,
     session_state_reason,
+    split_statements,
 )
 from ..router.plan import (
     AnyShard,
+    EachStatement,
     MultiShard,
     NeedLookup,
     Plan,
@@ -45,7 +47,9 @@ from .distributed import (
     DistributedStatement,
     LockOwner,
     Participant,
+    QueryString,
     ShardTransaction,
+    Step,
     check_deadlocks,
     deadlock_error,
     follow_savepoints,
@@ -740,7 +744,7 @@ class ClientConnection(asyncio.Protocol):
             case Refusal(sqlstate=code, message=text, hint=hint):
                 self._refuse(PgError(code, text, hint), msg, ends_unit=ends_unit)
                 return
-            case MultiShard():
+            case MultiShard() | EachStatement():
                 self._multi(plan, msg, ends_unit=ends_unit)
                 return
             case NeedLookup(rule=rule, keys=keys, assign=assign):
@@ -1038,10 +1042,11 @@ class ClientConnection(asyncio.Protocol):
                 conn.client = None
                 conn.pool.release(conn)  # closed: it is inside a transaction
 
-    def _multi(self, plan: MultiShard, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
+    def _multi(self, plan: MultiShard | EachStatement, msg: tuple[int, bytes], *,
+               ends_unit: bool) -> None:
         """A statement for several shards: checked here, then run (a DistributedStatement, a
-        statement of a transaction on several shards, or a ScatterRead) once its unit, the
-        Query or the Bind up to its Sync, is complete."""
+        statement of a transaction on several shards, a ScatterRead, or a QueryString) once
+        its unit, the Query or the Bind up to its Sync, is complete."""
         server = self.server
         if server is None and self.batch:
             # Parse/Describe held back before this Bind: the default shard answers them first.
@@ -1064,6 +1069,9 @@ class ClientConnection(asyncio.Protocol):
                 self.portal_open = False
             self.waiting = self.retry = True
             self.queries -= 1
+            return
+        if isinstance(plan, EachStatement):
+            self._each(plan, msg)
             return
         shards = ", ".join(plan.shards)
         kind, body = msg
@@ -1133,6 +1141,57 @@ class ClientConnection(asyncio.Protocol):
             self._run_multi([msg])
         else:
             self.multi_unit = [msg]
+
+    def _each(self, plan: EachStatement, msg: tuple[int, bytes]) -> None:
+        """A query string whose statements need different shards: outside a transaction
+        block, one QueryString (a transaction across them); inside one, refused."""
+        sql = msg[1][:-1]
+        if (self.server is not None and self.server.link.status != b"I") or (
+                self.begin_sql is not None):
+            self._refuse(PgError(
+                "0A000", f"the statements of this query string need different shards "
+                f"({', '.join(plan.shards)}); inside a transaction block Shardwire runs such "
+                "statements only one per query", hint="send the statements one by one"),
+                msg, ends_unit=True)
+            return
+        texts = split_statements(sql)
+        analyses = self.proxy.router.prepared(sql)
+        if plan.begin:
+            begin, texts, analyses = texts[0], texts[1:-1], analyses[1:-1]
+        else:
+            begin = b"BEGIN"
+        if len(texts) != len(plan.plans) or len(analyses) != len(plan.plans):
+            self._refuse(PgError("0A000", "cannot tell the statements of this query string "
+                                 "apart", hint="send the statements one by one"),
+                         msg, ends_unit=True)
+            return
+        steps = []
+        for text, a, step in zip(texts, analyses, plan.plans, strict=True):
+            write = a.kind is not Kind.READ
+            if isinstance(step, SingleShard):
+                steps.append(Step(text, (step.shard,), write))
+            elif isinstance(step, AnyShard):
+                steps.append(Step(text, (), write))
+            else:
+                split = None
+                if step.rows is not None:
+                    try:
+                        split = split_insert(text, step.rows)
+                    except SplitError as e:
+                        self._refuse(PgError(
+                            "0A000", "an INSERT of this query string has rows for several "
+                            f"shards and Shardwire cannot split its text by row: {e}",
+                            hint="insert each shard's rows in a statement of their own"),
+                            msg, ends_unit=True)
+                        return
+                steps.append(Step(text, step.shards, write, same_rows=step.write
+                                  and a.rule is None, split=split, rows=step.rows))
+
+        def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+            return QueryString(self, plan.shards, steps, begin=begin, tags=plan.begin).run()
+
+        self.multi_start = start
+        self._run_multi([msg])
 
     async def _run_in_transaction(self, shards: Sequence[str], sql: bytes,
                                   unit: list[tuple[int, bytes]], param_types: Sequence[int],

@@ -38,6 +38,18 @@ class MultiShard:
 
 
 @dataclass(frozen=True, slots=True)
+class EachStatement:
+    """A query string whose statements need different shards (or one needs several): each
+    runs where its own plan says, in order, all of them in one transaction across the shards,
+    as one server runs a query string in one implicit transaction."""
+
+    plans: tuple[SingleShard | AnyShard | MultiShard, ...]  # one per statement
+    shards: tuple[str, ...]  # every shard a statement needs, in the map's order
+    begin: bool = False  # the string opens with BEGIN and ends with COMMIT, its first and
+    # last statements
+
+
+@dataclass(frozen=True, slots=True)
 class Refusal:
     """The statement cannot be run exactly right: the client gets this error."""
 
@@ -55,7 +67,7 @@ class NeedLookup:
     assign: bool = False  # an INSERT: keys not in the directory get a shard now
 
 
-Plan = SingleShard | AnyShard | MultiShard | Refusal | NeedLookup
+Plan = SingleShard | AnyShard | MultiShard | EachStatement | Refusal | NeedLookup
 
 
 def describe(plan: Plan) -> dict[str, object]:
@@ -75,6 +87,10 @@ def describe(plan: Plan) -> dict[str, object]:
             if sql is not None:
                 out["sql"] = {k: v.decode("utf-8", "replace") for k, v in sql.items()}
             return out
+        case EachStatement(plans=plans, shards=shards):
+            return {"route": "each statement", "shards": list(shards),
+                    "reason": "the statements need different shards: one transaction across "
+                    "them", "statements": [describe(p) for p in plans]}
         case Refusal(sqlstate=sqlstate, message=message, hint=hint):
             return {"route": "refused", "sqlstate": sqlstate, "message": message, "hint": hint}
         case NeedLookup(rule=rule, keys=keys, assign=assign):
