@@ -812,6 +812,65 @@ def test_a_query_string_across_shards_is_one_transaction(
     assert tags == ["BEGIN", "UPDATE", "1", "UPDATE", "2", "COMMIT"], tags
 
 
+def test_reads_across_shards_inside_a_transaction(
+        dsn: str, shards: list[PostgresCluster]) -> None:
+    """A read without a key inside a transaction block runs, merged, on the transaction's
+    own connections: it sees the transaction's uncommitted rows on every shard, and an error
+    or a refusal in it aborts the transaction as on one server."""
+    plant(shards, ["s2"], ORDERS, "id, tenant_id, amount, note", [1, 2, 5, "old"])
+    with connect(dsn) as conn:  # not autocommit: psycopg sends BEGIN
+        conn.execute(f"insert into {ORDERS} (id, tenant_id, amount, note) "
+                     "values (2, 1, 10, 'a'), (3, 3, 20, 'b')")
+        assert conn.execute(f"select note, amount from {ORDERS} order by amount desc"
+                            ).fetchall() == [("b", 20), ("a", 10), ("old", 5)]
+        assert conn.execute(f"select count(*), sum(amount) from {ORDERS} where amount > %s",
+                            [6]).fetchone() == (2, 30)
+        # A shard first reached by the read joins the transaction: tenant 2's shard now.
+        conn.execute(f"update {ORDERS} set amount = 6 where tenant_id = 2")
+        assert conn.execute(f"select sum(amount) from {ORDERS}").fetchone() == (36,)
+        conn.rollback()
+        assert conn.execute(f"select note from {ORDERS} order by 1").fetchall() == [("old",)]
+        conn.rollback()
+        # An error on one shard aborts the whole transaction.
+        conn.execute(f"insert into {ORDERS} (id, tenant_id, amount, note) "
+                     "values (4, 3, 0, 'zero')")
+        with refused("22012"):
+            conn.execute(f"select 100 / amount from {ORDERS}")
+        for sql in (f"select note from {ORDERS} where tenant_id = 1",
+                    f"select note from {ORDERS} where tenant_id = 3", f"select * from {ORDERS}"):
+            with refused("25P02"):
+                conn.execute(sql)
+        conn.rollback()
+        # So does a read the merge refuses.
+        conn.execute(f"select note from {ORDERS} where tenant_id = 1")
+        with refused("0A000"):
+            conn.execute(f"select note, row_number() over () from {ORDERS}")
+        with refused("25P02"):
+            conn.execute(f"select note from {ORDERS} where tenant_id = 1")
+        conn.rollback()
+
+    async def with_asyncpg() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            async with conn.transaction(isolation="repeatable_read"):
+                assert await conn.fetchval(f"select count(*) from {ORDERS}") == 1
+                # Another client's commit after the snapshots were taken stays unseen.
+                other = await asyncpg.connect(dsn)
+                try:
+                    await other.execute(f"insert into {ORDERS} (id, tenant_id, note) "
+                                        "values (9, 1, 'later'), (10, 3, 'later')")
+                finally:
+                    await close(other)
+                assert await conn.fetchval(f"select count(*) from {ORDERS} where id > $1",
+                                           0) == 1
+            assert await conn.fetchval(f"select count(*) from {ORDERS}") == 3
+        finally:
+            await close(conn)
+
+    run(with_asyncpg())
+    assert notes_by_shard(shards, ORDERS) == {"s1": ["later"], "s2": ["old"], "s3": ["later"]}
+
+
 def test_multi_row_insert_is_all_or_nothing(dsn: str, shards: list[PostgresCluster]) -> None:
     """A row failing on one shard undoes the rows of the others; inside a transaction block
     the split rows are the transaction's, on every shard, until it ends."""

@@ -150,9 +150,11 @@ def test_refused_constructs_say_why(dsn: str) -> None:
             with pytest.raises(psycopg.errors.FeatureNotSupported) as info:
                 conn.execute(sql)
             assert info.value.diag.message_hint
+        # Inside a transaction block too; the refusal aborts the transaction.
         with pytest.raises(psycopg.errors.FeatureNotSupported):
             with conn.transaction():
-                conn.execute(f"select count(*) from {ORDERS}")
+                assert conn.execute(f"select count(*) from {ORDERS}").fetchone() == (30,)
+                conn.execute(f"select id, row_number() over () from {ORDERS}")
         assert conn.execute("select 1").fetchone() == (1,)
 
 
@@ -179,6 +181,17 @@ def test_a_user_defined_aggregate_is_refused_not_taken_for_rows(
             rows = conn.execute(f"select tenant_id, {name}(amount) from {ORDERS} "
                                 "group by tenant_id order by 1").fetchall()
             assert rows == [(t, sum(r[2] for r in ROWS if r[1] == t)) for t in (1, 2, 3)]
+            # Inside a transaction the refusal comes once the shards were asked; the
+            # transaction is aborted as after any error.
+            with conn.transaction():
+                assert conn.execute(f"select count(*) from {ORDERS} where tenant_id = 1"
+                                    ).fetchone() is not None
+                with pytest.raises(psycopg.errors.FeatureNotSupported):
+                    conn.execute(f"select {name}(amount) from {ORDERS}")
+                with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+                    conn.execute(f"select count(*) from {ORDERS}")
+                raise psycopg.Rollback()
+            assert conn.execute(f"select count(*) from {ORDERS}").fetchone() == (30,)
     finally:
         for cluster in shards:
             on_shard(cluster, f"drop aggregate if exists {name}(int)")

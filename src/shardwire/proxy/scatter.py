@@ -58,12 +58,13 @@ class ScatterCall(ShardCall):
     (`MessageReader.frames`), so that DataRows reach the client as the shard sent them,
     without being framed again."""
 
-    __slots__ = ("on_frames",)
+    __slots__ = ("on_frames", "status")
 
     def __init__(self, index: int, conn: ServerConnection,
                  on_frames: Callable[[ScatterCall, list[bytes]], None]) -> None:
         super().__init__(index, conn, self._lost)
         self.on_frames = on_frames
+        self.status = b"I"  # the shard's last ReadyForQuery status
 
     def data(self, conn: ServerConnection, data: bytes) -> None:
         try:
@@ -86,12 +87,18 @@ class ScatterRead:
 
     `unit` is the client's messages for it: a simple Query, or Bind [Describe portal] Execute
     Sync (the statement parsed before, its text in `sql` and parameter types in
-    `param_types`)."""
+    `param_types`).
+
+    `conns`: the connections of the client's transaction on these shards (in the order of
+    `shards`, sorted), where the read runs inside that transaction: they stay the
+    transaction's, and the client's transaction status follows theirs."""
 
     def __init__(self, client: ClientConnection, shards: Sequence[str], plan: MergePlan,
                  unit: Sequence[tuple[int, bytes]], *, param_types: Sequence[int] = (),
-                 functions: frozenset[str] = frozenset()) -> None:
+                 functions: frozenset[str] = frozenset(),
+                 conns: Sequence[ServerConnection] | None = None) -> None:
         self.client = client
+        self.given = list(conns) if conns is not None else None
         self.shards = sorted(shards)
         self.plan = plan
         self.unit = list(unit)
@@ -121,18 +128,24 @@ class ScatterRead:
         try:
             request, merge_params, formats = self._request()
         except PgError as e:
-            client.write(self._failure(e))
+            self._refused(e)
             return
-        try:
-            pools = [client.proxy.pool_for(shard) for shard in self.shards]
-            conns = await take_connections(pools)
-        except PgError as e:
-            client.write(self._failure(e))
-            return
+        if self.given is not None:
+            conns = self.given
+        else:
+            try:
+                pools = [client.proxy.pool_for(shard) for shard in self.shards]
+                conns = await take_connections(pools)
+            except PgError as e:
+                client.write(self._failure(e))
+                return
         self.calls = [ScatterCall(i, conn, self._frames) for i, conn in enumerate(conns)]
+        for call in self.calls:
+            call.status = call.conn.link.status
         try:
-            for conn in conns:
-                await apply_settings(conn, client.settings)
+            if self.given is None:
+                for conn in conns:
+                    await apply_settings(conn, client.settings)
             collation = await client.proxy.collation(conns[0])
             if self.functions and not self.plan.plan.groups_on_one_shard:
                 aggregates = await client.proxy.aggregates_among(conns[0], self.functions)
@@ -146,12 +159,12 @@ class ScatterRead:
                                          extra_float_digits=_extra_float_digits(client))
         except MergeError as e:
             self._give_back_all()
-            client.write(self._failure(PgError(e.sqlstate, e.message, e.hint)))
+            self._refused(PgError(e.sqlstate, e.message, e.hint))
             return
         except (PgError, ShardFailure) as e:
             self._give_back_all()
             err = e.error if isinstance(e, ShardFailure) else e
-            client.write(self._failure(err))
+            self._refused(err)
             return
         client.scatter = self
         if not self.simple:
@@ -263,6 +276,7 @@ class ScatterRead:
                     merge.finish(call.index)
             elif kind == 0x5A:  # Z
                 call.ready = True
+                call.status = frame[5:6]
             elif kind == 0x45:  # E
                 if merge.complete and self.error is None:
                     continue  # the client has all its rows already (LIMIT)
@@ -355,16 +369,39 @@ class ScatterRead:
             out.append(self._failure(self.error))
         elif self.max_rows > 0 and self.sent >= self.max_rows:
             # As PostgreSQL does when an Execute's limit is reached: the portal is suspended.
-            out.append(m.message(b"s") + m.ready_for_query(b"I"))
+            out.append(m.message(b"s") + m.ready_for_query(self._status()))
         else:
-            out.append(m.command_complete(f"SELECT {self.sent}") + m.ready_for_query(b"I"))
+            out.append(m.command_complete(f"SELECT {self.sent}")
+                       + m.ready_for_query(self._status()))
+
+    def _status(self) -> bytes:
+        """The client's transaction status after the read."""
+        if self.given is None:
+            return b"I"
+        failed = self.error is not None or any(c.status == b"E" for c in self.calls)
+        return b"E" if failed else b"T"
 
     def _failure(self, err: PgError) -> bytes:
-        return m.error_response(err) + m.ready_for_query(b"I")
+        return m.error_response(err) + m.ready_for_query(self._status())
+
+    def _refused(self, err: PgError) -> None:
+        """A failure before any shard ran the read. Inside a transaction it fails the
+        transaction too, as an error does on one server: a shard's connection is made to fail
+        in order (the proxy's refusal path), and the client sees `err` from it."""
+        if self.given is None:
+            self.client.write(self._failure(err))
+            return
+        self.client.refuse_in_transaction(err, self.given[0])
 
     def _give_back_all(self) -> None:
-        for call in self.calls:
-            call.give_back()
+        if self.given is not None:
+            for call in self.calls:  # still the transaction's
+                if call.conn.sink is call:
+                    call.conn.sink = None
+                call.conn.link.status = call.status
+        else:
+            for call in self.calls:
+                call.give_back()
         self.paused.clear()
 
 

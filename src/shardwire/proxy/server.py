@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
-from ..merge import MergeError
+from ..merge import MergeError, MergePlan
 from ..router.analyze import Analysis, Kind
 from ..router.classify import (
     SessionReset,
@@ -144,7 +144,8 @@ class ClientConnection(asyncio.Protocol):
         self.retry = False  # the message being handled waits too (see _dispatch)
         self.portal_open = False  # a Bind or Execute went out since the last Sync
         # The last unnamed Parse (its body after the name) and the connection that has it.
-        self.unnamed: tuple[bytes, ServerConnection] | None = None
+        # The client's unnamed statement (its Parse body) and the connection that has it.
+        self.unnamed: tuple[bytes, ServerConnection | None] | None = None
         self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
         self.tx_begin: bytes | None = None  # the client's BEGIN, for shards joining later
         self.tx: ShardTransaction | None = None  # a transaction on several shards
@@ -1118,24 +1119,20 @@ class ClientConnection(asyncio.Protocol):
                                                 param_types=param_types, same_rows=same_rows,
                                                 wrote=plan.write or a.kind is Kind.DDL,
                                                 split=split, rows=plan.rows).run()
-        elif in_transaction:
-            self._refuse(PgError(
-                "0A000", f"the query needs rows from several shards ({shards}) inside a "
-                "transaction block; this version of Shardwire merges reads across shards "
-                "only outside transaction blocks", hint="run the query outside the "
-                "transaction, or add a condition on the sharding key that selects one "
-                "shard"), msg, ends_unit=ends_unit)
-            return
         else:
             try:
                 merge, functions = self.proxy.router.merge_plan(sql)
             except MergeError as e:
                 self._refuse(PgError(e.sqlstate, e.message, e.hint), msg, ends_unit=ends_unit)
                 return
-
-            def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
-                return ScatterRead(self, plan.shards, merge, unit, param_types=param_types,
-                                   functions=functions).run()
+            if in_transaction:
+                def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                    return self._scatter_in_transaction(plan.shards, merge, unit, param_types,
+                                                        functions)
+            else:
+                def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
+                    return ScatterRead(self, plan.shards, merge, unit,
+                                       param_types=param_types, functions=functions).run()
         self.multi_start = start
         if ends_unit:
             self._run_multi([msg])
@@ -1193,17 +1190,11 @@ class ClientConnection(asyncio.Protocol):
         self.multi_start = start
         self._run_multi([msg])
 
-    async def _run_in_transaction(self, shards: Sequence[str], sql: bytes,
-                                  unit: list[tuple[int, bytes]], param_types: Sequence[int],
-                                  *, same_rows: bool, split: Mapping[str, ShardText] | None,
-                                  rows: Sequence[str] | None) -> None:
-        """A statement for several shards inside the client's transaction: each shard's
-        connection joins the transaction if it has not yet, and runs it."""
-        try:
-            requests = shard_requests(shards, sql, unit, param_types, split)
-        except PgError as e:
-            self.write(m.error_response(e) + m.ready_for_query(self._status()))
-            return
+    async def _tx_join(self, shards: Sequence[str]) -> tuple[ShardTransaction, set[str]] | None:
+        """The client's transaction on several shards (made one if it is on one shard yet),
+        with a connection of each of `shards`: those that join now (returned) have the
+        client's settings and still need its BEGIN and savepoints (`joining_queries`). None:
+        the client went away meanwhile."""
         tx = self.tx
         if tx is None:
             begin = self.tx_begin or self.begin_sql or b"BEGIN"
@@ -1217,11 +1208,77 @@ class ClientConnection(asyncio.Protocol):
                 conn = await self.proxy.pool_for(shard).acquire()
                 if self.closed:
                     conn.pool.release(conn)
-                    return
+                    return None
                 await apply_settings(conn, self.settings)
                 tx.conns[shard] = conn
                 conn.client = self
                 joining.add(shard)
+        return tx, joining
+
+    async def _scatter_in_transaction(self, shards: Sequence[str], merge: MergePlan,
+                                      unit: list[tuple[int, bytes]],
+                                      param_types: Sequence[int],
+                                      functions: frozenset[str]) -> None:
+        """A read of several shards inside the client's transaction: it runs, merged, on the
+        transaction's connections of those shards (joining them first where needed), and
+        sees what the transaction wrote there."""
+        joined = await self._tx_join(shards)
+        if joined is None:
+            return
+        tx, joining = joined
+        first, count = tx.joining_queries()
+        parts = [Participant(tx.conns[shard]) for shard in sorted(joining)]
+        replies = await asyncio.gather(*(p.run(first, count) for p in parts))
+        for part in parts:
+            part.detach()
+        errors = [e for r in replies for e in r.errors]
+        conns = [tx.conns[shard] for shard in sorted(shards)]
+        if errors:
+            self.refuse_in_transaction(errors[0], conns[0])
+            return
+        await ScatterRead(self, shards, merge, unit, param_types=param_types,
+                          functions=functions, conns=conns).run()
+        self._follow_failure(tx)
+
+    def _follow_failure(self, tx: ShardTransaction) -> None:
+        """After a statement on several of the transaction's shards: when one of them failed
+        (the transaction is aborted), the client's statements go to it, which answers each
+        with 25P02 until ROLLBACK, as PostgreSQL does."""
+        if self.unnamed is not None:
+            # The statement ran as the unnamed statement of the shards' connections: the
+            # client's own is prepared again where it is bound next.
+            self.unnamed = (self.unnamed[0], None)
+        failed = next((c for c in tx.conns.values() if c.link.status == b"E"), None)
+        if failed is not None:
+            self.server = failed
+            self.pool = failed.pool
+        elif self.server is None:
+            self.server = next(iter(tx.conns.values()))
+            self.pool = self.server.pool
+
+    def refuse_in_transaction(self, err: PgError, conn: ServerConnection) -> None:
+        """Fail the client's statement with `err` inside its transaction: through `conn`, a
+        connection of the transaction, which fails in order (and so fails the transaction,
+        as any error does on one server)."""
+        self.server = conn
+        self.pool = conn.pool
+        self._write_server([], conn.link.refusal(m.error_response(err), own_unit=True))
+
+    async def _run_in_transaction(self, shards: Sequence[str], sql: bytes,
+                                  unit: list[tuple[int, bytes]], param_types: Sequence[int],
+                                  *, same_rows: bool, split: Mapping[str, ShardText] | None,
+                                  rows: Sequence[str] | None) -> None:
+        """A statement for several shards inside the client's transaction: each shard's
+        connection joins the transaction if it has not yet, and runs it."""
+        try:
+            requests = shard_requests(shards, sql, unit, param_types, split)
+        except PgError as e:
+            self.write(m.error_response(e) + m.ready_for_query(self._status()))
+            return
+        joined = await self._tx_join(shards)
+        if joined is None:
+            return
+        tx, joining = joined
         parts = [Participant(tx.conns[shard], status=tx.conns[shard].link.status)
                  for shard in sorted(shards)]
         first, count = tx.joining_queries()
@@ -1232,9 +1289,7 @@ class ClientConnection(asyncio.Protocol):
             part.detach()
             part.wrote = True
             tx.written.add(part.shard)
-        if self.server is None:
-            self.server = parts[0].conn
-            self.pool = self.server.pool
+        self._follow_failure(tx)
         status = b"E" if any(c.link.status == b"E" for c in tx.conns.values()) else b"T"
         out = [] if unit[0][0] == _Q else [m.BIND_COMPLETE]
         errors = [e for r in replies for e in r.errors]
