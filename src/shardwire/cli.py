@@ -80,7 +80,39 @@ def main(argv: list[str] | None = None) -> int:
                          help="roll back undecided transactions only when prepared at least "
                          "this long ago (default 60)")
 
+    rebalance = sub.add_parser(
+        "rebalance", help="find hot shards and keys, and plan moves to cooler shards",
+        description="Read the heat statistics the proxies write to the catalog database and "
+        "the sizes of the sharded tables on each shard (no proxy needs to run). `status` "
+        "shows them; `plan` proposes moves that bring every shard's load under --threshold "
+        "times the mean load (docs/rebalancing.md). Moving data (`apply`) is not built yet.")
+    actions = rebalance.add_subparsers(dest="action", required=True, metavar="ACTION")
+    status = actions.add_parser(
+        "status", help="shards with their load, size and hottest keys, and the skew",
+        description="A table of the shards with their load, size and hottest keys, and the "
+        "skew: the hottest shard's load over the mean load.")
+    plan = actions.add_parser(
+        "plan", help="propose moves from hot shards to cool ones",
+        description="Propose moves (a tenant, a category value, lookup keys, part of a range) "
+        "that bring every shard's load under --threshold times the mean. Prints the plan as "
+        "YAML, or writes it to --output and prints a summary. Exit status 0 when the plan "
+        "brings every shard under the threshold, 1 otherwise.")
+    for action in (status, plan):
+        action.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
+        action.add_argument("--since", type=float, default=600.0, metavar="SECONDS",
+                            help="use the heat windows that ended in the last SECONDS "
+                            "(default 600)")
+        action.add_argument("--metric", choices=["busy", "statements"], default="busy",
+                            help="what load means: busy time on the shard (default) or "
+                            "statements")
+        action.add_argument("--threshold", type=float, default=1.2, metavar="X",
+                            help="a shard is hot above X times the mean load (default 1.2)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    plan.add_argument("--output", metavar="FILE", help="write the plan to FILE")
+
     args = parser.parse_args(argv)
+    if args.command == "rebalance":
+        return _rebalance(args)
     if args.command == "recover":
         return _recover(args.config, dry_run=args.dry_run, min_age=args.min_age)
     if args.command == "ids":
@@ -151,6 +183,17 @@ def _explain(path: str, sql: str, *, as_json: bool) -> int:
         for key, value in out.items():
             print(f"{key}: {value}")
     return 1 if isinstance(plan, Refusal) else 0
+
+
+def _rebalance(args: argparse.Namespace) -> int:
+    from .rebalancer.cli import rebalance_command
+    config = load_or_report(args.config)
+    if config is None:
+        return 1
+    if args.threshold < 1:
+        print("--threshold is a multiple of the mean load: at least 1", file=sys.stderr)
+        return 2
+    return rebalance_command(args, config)
 
 
 def _recover(path: str, *, dry_run: bool, min_age: float) -> int:

@@ -88,6 +88,15 @@ class TransactionSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RebalanceSettings:
+    """Heat statistics for the rebalancer (docs/rebalancing.md)."""
+
+    heat_flush_interval: float = 60.0  # seconds per heat window written to the catalog
+    heat_top_keys: int = 100  # keys per rule kept by each space-saving sketch
+    heat_retention: float = 86400.0  # windows older than this are deleted from the catalog
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole Shardwire configuration."""
 
@@ -100,6 +109,7 @@ class Config:
     auth_method: AuthMethod = AuthMethod.SCRAM_SHA_256
     pool: PoolSettings = field(default_factory=PoolSettings)
     transactions: TransactionSettings = field(default_factory=TransactionSettings)
+    rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
     catalog: ServerAddress | None = None
     admin_database: str = "shardwire"
     path: str | None = None  # the file it was loaded from, for RELOAD

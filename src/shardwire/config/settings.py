@@ -18,6 +18,7 @@ from shardwire.config.model import (
     Listen,
     PoolMode,
     PoolSettings,
+    RebalanceSettings,
     ServerAddress,
     TransactionSettings,
 )
@@ -25,6 +26,7 @@ from shardwire.config.model import (
 _LISTEN = Listen()
 _POOL = PoolSettings()
 _TX = TransactionSettings()
+_REBALANCE = RebalanceSettings()
 _CONFIG_DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(Config)}
 
 
@@ -128,6 +130,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("transactions.recovery_min_age", float, _TX.recovery_min_age, False,
             "A prepared transaction with no decision is rolled back once this old (another "
             "proxy may be committing a younger one).", minimum=0),
+    Setting("rebalance.heat_flush_interval", float, _REBALANCE.heat_flush_interval, True,
+            "Seconds per heat window: each proxy writes its heat statistics to the catalog "
+            "this often.", positive=True),
+    Setting("rebalance.heat_top_keys", int, _REBALANCE.heat_top_keys, True,
+            "Hot keys tracked per sharding rule (space-saving top-K); applies from the next "
+            "window.", minimum=1, maximum=100_000),
+    Setting("rebalance.heat_retention", float, _REBALANCE.heat_retention, True,
+            "Heat windows older than this are deleted from the catalog.", positive=True),
 )
 
 SETTINGS_BY_PATH: dict[str, Setting] = {s.path: s for s in SETTINGS}

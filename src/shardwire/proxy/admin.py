@@ -18,7 +18,9 @@ from typing import TYPE_CHECKING
 
 from .. import __version__
 from ..config.settings import config_rows
+from ..rebalancer.heat import merge_windows
 from ..router.classify import leading_words, split_statements
+from ..router.shardmap import canonical_text
 from .protocol import messages as m
 from .protocol.errors import PgError
 from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
@@ -29,7 +31,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("shardwire.admin")
 
-T, I8 = m.TEXT_OID, m.INT8_OID
+T, I8, F8 = m.TEXT_OID, m.INT8_OID, m.FLOAT8_OID
+HOT_KEYS_SHOWN = 10  # per rule, by statements and by busy time
 
 Result = tuple[Sequence[tuple[str, int]], Sequence[Sequence[object]], str]
 
@@ -46,7 +49,7 @@ class AdminSession:
         self.commands: dict[str, Callable[[], Result]] = {
             "shards": self.show_shards, "pools": self.show_pools, "clients": self.show_clients,
             "servers": self.show_servers, "stats": self.show_stats, "config": self.show_config,
-            "version": self.show_version, "help": self.show_help,
+            "version": self.show_version, "help": self.show_help, "hot": self.show_hot,
         }
         # Commands answered later (they ask servers): SHOW <name>.
         self.later: dict[str, Callable[[], Awaitable[bytes]]] = {
@@ -239,6 +242,32 @@ class AdminSession:
             avg = int(s.wait_time / s.waits * 1e6) if s.waits else 0
             rows.append((pool.shard, pool.role, s.transactions, s.queries, s.bytes_in,
                          s.bytes_out, s.waits, avg, s.connects))
+        return cols, rows, ""
+
+    def show_hot(self) -> Result:
+        """This proxy's heat: the window closed last and the one open now, added up. Shards
+        first (busiest first), then each rule's hottest keys (most statements first)."""
+        heat = self.proxy.heat
+        now = time.time()
+        windows = [heat.snapshot(now)] if heat.last is None else [heat.last, heat.snapshot(now)]
+        window = merge_windows(windows)
+        busy_total = sum(s.busy for s in window.shards.values()) or 1.0
+        cols = [("kind", T), ("shard", T), ("rule", T), ("key", T), ("statements", I8),
+                ("statements_error", I8), ("busy_ms", F8), ("busy_share", F8), ("rows", I8),
+                ("errors", I8), ("window_s", F8)]
+        seconds = round(window.seconds, 1)
+        rows: list[tuple[object, ...]] = []
+        for shard, s in sorted(window.shards.items(), key=lambda kv: -kv[1].busy):
+            rows.append(("shard", shard, None, None, s.statements, 0, round(s.busy * 1000, 3),
+                         round(s.busy / busy_total, 4), s.rows, s.errors, seconds))
+        for rule, keys in sorted(window.keys.items()):
+            by_busy = sorted(keys, key=lambda k: -k.busy)[:HOT_KEYS_SHOWN]
+            shown = list(keys[:HOT_KEYS_SHOWN]) + [k for k in by_busy
+                                                   if k not in keys[:HOT_KEYS_SHOWN]]
+            for k in shown:
+                rows.append(("key", k.shard, rule, canonical_text(k.key), k.statements,
+                             k.statements_error, round(k.busy * 1000, 3),
+                             round(k.busy / busy_total, 4), None, None, seconds))
         return cols, rows, ""
 
     def show_config(self) -> Result:

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from ..config.model import PoolSettings, ServerAddress
+from ..rebalancer.heat import Heat
 from .protocol import messages as m
 from .protocol.backend import BackendHandshake
 from .protocol.errors import PgError
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from .server import ClientConnection
 
 log = logging.getLogger("shardwire.pool")
+
+_clock = time.perf_counter
 
 
 class ServerConnection(asyncio.Protocol):
@@ -46,6 +49,8 @@ class ServerConnection(asyncio.Protocol):
         self.sink: ShardCall | None = None
         self.tls_wanted = False
         self._tls_answer: asyncio.Future[bytes] | None = None
+        # When the oldest request still unanswered was written (0: none), for heat statistics.
+        self.busy_since = 0.0
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -53,8 +58,11 @@ class ServerConnection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.sink is not None:
-            self.sink.data(self, data)
+        sink = self.sink
+        if sink is not None:
+            sink.data(self, data)
+            if sink.ready and self.busy_since:
+                self._finished(None)
             return
         if self.client is not None:
             try:
@@ -70,6 +78,8 @@ class ServerConnection(asyncio.Protocol):
                 client.note_parameters(self.link.param_updates)
                 self.link.param_updates.clear()
             if not self.link.busy:
+                if self.busy_since:
+                    self._finished(client.heat_key)
                 client.server_ready(self)
             return
         if self.handshake is not None:
@@ -86,6 +96,7 @@ class ServerConnection(asyncio.Protocol):
                 return
             self.link.param_updates.clear()
             if not self.link.busy:
+                self.busy_since = 0.0  # the proxy's own statements are not the shard's load
                 callback, self.on_idle = self.on_idle, None
                 callback()
             return
@@ -161,6 +172,7 @@ class ServerConnection(asyncio.Protocol):
         if hs.ready:
             self.handshake = None
             self.pid, self.secret = hs.pid, hs.secret
+            self.busy_since = 0.0
             self.link.reported = dict(hs.parameters)
             if not self.login.done():
                 self.login.set_result(None)
@@ -169,7 +181,28 @@ class ServerConnection(asyncio.Protocol):
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
+        if not self.busy_since:
+            self.busy_since = _clock()
         self.transport.write(data)
+
+    def _finished(self, key: tuple[str, object] | None) -> None:
+        """Everything sent was answered: add the work to the shard's heat (and to the key's,
+        for a single-shard statement whose key the router knew)."""
+        busy = _clock() - self.busy_since
+        self.busy_since = 0.0
+        pool = self.pool
+        counters = pool.counters
+        counters.statements += 1
+        counters.busy += busy
+        link = self.link
+        if link.rows:
+            counters.rows += link.rows
+            link.rows = 0
+        if link.errors:
+            counters.errors += link.errors
+            link.errors = 0
+        if key is not None:
+            pool.heat.record_key(key[0], key[1], pool.shard, busy)
 
     def abort(self, reason: str) -> None:
         if not self.closed:
@@ -211,8 +244,11 @@ class Pool:
     """Connections to one shard server, handed out one client at a time."""
 
     def __init__(self, shard: str, role: str, address: ServerAddress,
-                 settings: PoolSettings) -> None:
+                 settings: PoolSettings, heat: Heat | None = None) -> None:
         self.shard = shard
+        # The proxy's heat statistics; this shard's counters are added to directly.
+        self.heat = heat if heat is not None else Heat(time.time())
+        self.counters = self.heat.shard(shard)
         self.role = role
         self.address = address
         self.settings = settings
@@ -310,6 +346,8 @@ class Pool:
 
     def release(self, conn: ServerConnection) -> None:
         """Take back a connection whose client is done with it."""
+        if conn.busy_since:
+            conn._finished(None)  # multi-shard work, given back as soon as it is answered
         conn.client = None
         conn.on_idle = None
         conn.last_used = time.monotonic()

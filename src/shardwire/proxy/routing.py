@@ -97,6 +97,9 @@ class StatementRouter:
         self._reasons: dict[tuple[str, str], str] = {}
         self._fingerprint = FingerprintCache()
         self._merges: dict[bytes, tuple[MergePlan, frozenset[str]] | MergeError] = {}
+        # (rule name, key) of the last statement planned for one shard by its key, else None:
+        # the proxy records the key's heat when the statement is answered (rebalancer/heat.py).
+        self.last_key: tuple[str, KeyValue] | None = None
 
     @property
     def active(self) -> bool:
@@ -145,8 +148,14 @@ class StatementRouter:
             fast = self._fast(analyses[0], values)
             if fast is not None:
                 return fast
-        return combine([route(a, self.smap, values, ctx) for a in analyses], analyses,
+        return self._general(analyses, values, ctx)
+
+    def _general(self, analyses: Sequence[Analysis],
+                 values: Callable[[Slot, KeyType], KeyValue | None], ctx: RouteContext) -> Plan:
+        plan = combine([route(a, self.smap, values, ctx) for a in analyses], analyses,
                        self.smap.shards)
+        self.last_key = _known_key(analyses, values) if type(plan) is SingleShard else None
+        return plan
 
     def _fast(self, a: Analysis, values: Callable[[Slot, KeyType], KeyValue | None]
               ) -> SingleShard | None:
@@ -169,6 +178,7 @@ class StatementRouter:
             return None
         if shard is None:
             return None
+        self.last_key = (rule.name, value)
         reason = self._reasons.get((rule.name, shard))
         if reason is None:
             reason = self._reasons[(rule.name, shard)] = (
@@ -238,11 +248,39 @@ class StatementRouter:
             fast = self._fast(analyses[0], values)
             if fast is not None:
                 return fast
-        return combine([route(a, self.smap, values, ctx) for a in analyses], analyses,
-                       self.smap.shards)
+        return self._general(analyses, values, ctx)
 
 
 _UNSET = object()
+
+
+def _known_key(analyses: Sequence[Analysis],
+               values: Callable[[Slot, KeyType], KeyValue | None]
+               ) -> tuple[str, KeyValue] | None:
+    """(rule, key) of a statement that names one key: `key = value`, or an INSERT of rows
+    that all have the same key. For heat statistics only: None whenever it is not that
+    simple."""
+    if len(analyses) != 1:
+        return None
+    a = analyses[0]
+    rule = a.rule
+    if rule is None or a.hint_shard is not None:
+        return None
+    slots: tuple[Slot | None, ...]
+    if a.insert_keys is not None:
+        slots = a.insert_keys
+    elif len(a.classes) == 1 and isinstance(a.classes[0].condition, Eq):
+        slots = (a.classes[0].condition.slot,)
+    else:
+        return None
+    try:
+        keys = {values(slot, rule.key_type) if slot is not None else None for slot in slots}
+    except (ValueError, TypeError):
+        return None
+    if len(keys) != 1:
+        return None
+    key = keys.pop()
+    return None if key is None else (rule.name, key)
 
 
 def _fast_slot(a: Analysis) -> Slot | None:

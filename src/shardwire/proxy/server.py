@@ -19,6 +19,8 @@ from .. import __version__
 from ..config.load import load_config
 from ..config.model import Config, PoolMode
 from ..merge import MergeError, MergePlan
+from ..rebalancer.heat import Heat
+from ..rebalancer.store import flush_forever as flush_heat
 from ..router.analyze import Analysis, Kind
 from ..router.classify import (
     SessionReset,
@@ -161,6 +163,9 @@ class ClientConnection(asyncio.Protocol):
         # A statement for several shards, waiting for the rest of its unit (up to Sync).
         self.multi_unit: list[tuple[int, bytes]] | None = None
         self.multi_start: Callable[[list[tuple[int, bytes]]], Awaitable[None]] | None = None
+        # (rule, key) of the last statement routed by its key: its server connection adds the
+        # statement's time to the key's heat when it is answered (pool.py).
+        self.heat_key: tuple[str, object] | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -354,6 +359,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             self._dispatch(msgs)
             return
+        self.heat_key = router.last_key
         if type(plan) is SingleShard:
             pool = self.proxy.pool_for(plan.shard)
             conn = pool.try_acquire()
@@ -634,6 +640,7 @@ class ClientConnection(asyncio.Protocol):
                 self.write(local + m.ready_for_query(self._status()))
                 return True
             plan = router.plan_query(sql, self._context(), self._timezone())
+            self.heat_key = router.last_key
             self._execute(plan, (kind, body), ends_unit=True)
             return True
         if kind == _P:
@@ -666,6 +673,7 @@ class ClientConnection(asyncio.Protocol):
                 return True
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
+            self.heat_key = router.last_key
             self._execute(plan, (kind, body), ends_unit=False)
             return True
         if kind in (_S, ord("H"), ord("F")):
@@ -1548,6 +1556,8 @@ class Proxy:
         self._collation: str | None = None
         self.coordinator = Coordinator(self)
         self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
+        self.heat = Heat(time.time(), config.rebalance.heat_top_keys)  # SHOW HOT, rebalancer
+        self._heat_flush: asyncio.Task[None] | None = None
         self._apply_config(config)
 
     def _apply_config(self, config: Config) -> None:
@@ -1569,7 +1579,8 @@ class Proxy:
             if old is None or old.address != shard.primary:
                 if old is not None:
                     old.close()
-                self.pools[key] = Pool(shard.name, "primary", shard.primary, config.pool)
+                self.pools[key] = Pool(shard.name, "primary", shard.primary, config.pool,
+                                       self.heat)
             else:
                 old.settings = config.pool
         for key in list(self.pools):
@@ -1614,6 +1625,7 @@ class Proxy:
         self._maintenance = loop.create_task(self._maintain())
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
+        self._heat_flush = loop.create_task(flush_heat(self))
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
 
     async def _watch_deadlocks(self) -> None:
@@ -1667,6 +1679,8 @@ class Proxy:
     async def close(self) -> None:
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self._heat_flush is not None:
+            self._heat_flush.cancel()
         if self._recovering is not None:
             self._recovering.cancel()
             self._deadlocks.cancel()

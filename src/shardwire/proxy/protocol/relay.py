@@ -34,15 +34,15 @@ from . import messages as m
 _LEN = struct.Struct("!I").unpack_from
 _HDR = struct.Struct("!cI")
 
-_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR = (
-    ord("Z"), ord("1"), ord("3"), ord("S"), ord("E"))
+_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR, _COMPLETE = (
+    ord("Z"), ord("1"), ord("3"), ord("S"), ord("E"), ord("C"))
 # Client messages answered by a ReadyForQuery: Sync, Query, FunctionCall.
 _ENDS_UNIT = frozenset(b"SQF")
 # Extended-protocol messages whose batch is open until a Sync. (Flush and the COPY messages
 # neither open nor close one.)
 _OPENS_BATCH = frozenset(b"PBDEC")
 _REWRITTEN = frozenset(b"PBDC")  # messages that may name a prepared statement
-_INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR))
+_INSPECT = frozenset((_Z, _PARSE_DONE, _CLOSE_DONE, _PARAM, _ERROR, _COMPLETE))
 
 # The name used to acknowledge a client's Parse of a statement the server already has: the
 # proxy sends Parse of an empty query under this name and closes it at once.
@@ -84,7 +84,7 @@ class ServerLink:
                  "_requests", "_unit_seq", "_sent", "_replied", "_dirty", "_stash",
                  "_remaining", "_drop_current",
                  "param_updates", "dropped_errors", "error_names", "replace_errors",
-                 "_quiet_ready")
+                 "_quiet_ready", "rows", "errors")
 
     def __init__(self, max_prepared: int = 200) -> None:
         self.prepared: OrderedDict[bytes, None] = OrderedDict()  # LRU of server-side names
@@ -116,6 +116,10 @@ class ServerLink:
         # PostgreSQL's own error would.
         self.replace_errors: dict[int, bytes] = {}
         self._quiet_ready: set[int] = set()  # units whose ReadyForQuery the client never asked
+        # Heat statistics (rebalancer/heat.py), taken and zeroed by the server connection: rows
+        # that CommandComplete tags report, and ErrorResponses.
+        self.rows = 0
+        self.errors = 0
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -266,13 +270,26 @@ class ServerLink:
                 if end > n:
                     self._stash = data[pos:]
                     break
-                if kind == _Z:
+                if kind == _COMPLETE:
+                    # "SELECT 5", "INSERT 0 5", "UPDATE 5": a last word of digits (< "A")
+                    # counts the rows; one digit, the common case, is read without int().
+                    last = data[end - 2]
+                    if last < 65:
+                        if data[end - 3] == 32 and last > 47:
+                            self.rows += last - 48
+                        else:
+                            try:
+                                self.rows += int(data[data.rfind(32, pos + 5, end) + 1:end - 1])
+                            except ValueError:
+                                pass  # not a tag PostgreSQL sends
+                elif kind == _Z:
                     forward = self._ready(data[pos + 5:end])
                     unit_forward = units[0][1] if units else True
                 elif kind == _PARAM:
                     forward = units[0][2] if units else True
                     self._param(data[pos + 5:end], forward)
                 elif kind == _ERROR:
+                    self.errors += 1
                     if not forward:
                         self.dropped_errors.append(data[pos + 5:end])
                     elif self.replace_errors and (
