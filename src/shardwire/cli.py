@@ -110,7 +110,14 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--output", metavar="FILE", help="write the plan to FILE")
 
+    from . import demo_data, health
+    health.add_parser(sub)
+    demo_data.add_parser(sub)
     args = parser.parse_args(argv)
+    if args.command == "health":
+        return health.health_command(args)
+    if args.command == "demo-data":
+        return demo_data.demo_data_command(args)
     if args.command == "rebalance":
         return _rebalance(args)
     if args.command == "recover":

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 from decimal import Decimal
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -197,6 +197,15 @@ _STATUSES = ("paid", "shipped", "delivered", "delivered", "cancelled")
 _EVENT_KINDS = ("page_view", "page_view", "signup", "add_to_cart", "checkout", "refund")
 
 
+class SampleDataServer(Protocol):
+    """What the sample data loader needs of a server: its shard name and psql (the demo's
+    own servers, or those of a config: shardwire.demo_data)."""
+
+    name: str
+
+    def sql(self, query: str, dbname: str = ...) -> str: ...
+
+
 class DemoError(Exception):
     """What stopped the demo, worded for the person who ran it."""
 
@@ -302,7 +311,7 @@ def _describe_error(error: BaseException) -> str:
 # --- sample data ----------------------------------------------------------------------------
 
 
-def _load_sample_data(clusters: list[PostgresCluster], config: Config) -> int | None:
+def _load_sample_data(clusters: Sequence[SampleDataServer], config: Config) -> int | None:
     """Create the schema and shardwire_next_id() on every shard, put each sample row on the
     shard the config's map names and fill the users' directory in the catalog database; a later
     start finds the data there and leaves it alone. Returns a user's id for the sample query
