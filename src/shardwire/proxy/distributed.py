@@ -90,18 +90,25 @@ class Participant:
 
     async def run(self, data: bytes, replies: int = 1) -> Reply:
         """Send `data` and read until `replies` ReadyForQuery messages came back."""
+        await self.send(data, replies)
+        return self.reply
+
+    def send(self, data: bytes, replies: int = 1) -> asyncio.Future[None]:
+        """Send `data`; the future is done once `replies` ReadyForQuery messages came back
+        (`reply` holds them). No task of its own: `run_all` sends to every participant, then
+        waits for each."""
         self.reply = Reply()
         self.expect = replies
-        self.done = asyncio.get_running_loop().create_future()
+        done = self.done = asyncio.get_running_loop().create_future()
         if self.call.lost or self.conn.closed:
             self.reply.errors.append(self.call.error or PgError(
                 "08006", f"lost the connection to shard {self.shard}"))
-            return self.reply
+            done.set_result(None)
+            return done
         self.call.ready = False
         self.conn.sink = self.call
         self.conn.write(data)
-        await self.done
-        return self.reply
+        return done
 
     def _messages(self, call: ShardCall, msgs: list[tuple[int, bytes]]) -> None:
         reply = self.reply
@@ -148,11 +155,15 @@ class Participant:
 
 async def run_all(parts: Sequence[Participant], data: bytes | Mapping[str, bytes],
                   replies: int = 1, *, before: bytes = b"") -> list[Reply]:
-    """Send every participant `data` (or its own entry of it, by shard), after `before`."""
+    """Send every participant `data` (or its own entry of it, by shard), after `before`;
+    their replies once all have answered."""
     if isinstance(data, bytes):
-        return list(await asyncio.gather(*(p.run(before + data, replies) for p in parts)))
-    return list(await asyncio.gather(*(p.run(before + data[p.shard], replies)
-                                       for p in parts)))
+        sent = [p.send(before + data, replies) for p in parts]
+    else:
+        sent = [p.send(before + data[p.shard], replies) for p in parts]
+    for done in sent:
+        await done
+    return [p.reply for p in parts]
 
 
 def _first_error(replies: Sequence[Reply]) -> PgError | None:
@@ -259,14 +270,8 @@ class Coordinator:
                 log.warning("COMMIT PREPARED %s on %s failed: %s; recovery will finish it",
                             gid, shard, error.message)
         else:
-            asyncio.get_running_loop().create_task(self._forget(gid))
+            decisions.forget_soon(gid)
         return b"COMMIT", None
-
-    async def _forget(self, gid: str) -> None:
-        try:
-            await self.proxy.decision_log.forget([gid])
-        except PgError as e:
-            log.info("could not forget decision %s yet: %s", gid, e.message)
 
 
 # Statements PostgreSQL refuses inside a transaction block: sent to each shard on their own.

@@ -51,6 +51,8 @@ GID_MAX_BYTES = 199  # PostgreSQL's GIDSIZE (200) counts the terminating NUL
 DECISION_TIMEOUT = 5.0  # seconds a commit decision may take before the commit fails
 STATEMENT_TIMEOUT = 30.0  # recovery's statements on shards and the catalog
 ROLLBACK_RETENTION = 24 * 3600.0  # seconds a "rollback" decision (a fence) is kept
+# Finished decisions are deleted in batches, at most this many seconds after their commit.
+FORGET_DELAY = 0.5
 SNAPSHOT_LIMIT = 10_000  # decision rows one recovery pass considers for forgetting
 
 Decision = Literal["commit", "rollback"]
@@ -166,6 +168,10 @@ class DecisionLog:
         self._lock = asyncio.Lock()
         self._to_forget: set[str] = set()
         self._forgetting: asyncio.Future[None] | None = None
+        self._forget_timer: asyncio.TimerHandle | None = None
+        # A connection kept for commit decisions (the hot path), out of the pool.
+        self._hot: Any = None
+        self._hot_busy = False
 
     @property
     def available(self) -> bool:
@@ -237,21 +243,31 @@ class DecisionLog:
             raise ValueError(f"{gid!r} is not a Shardwire transaction id")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
-        try:
-            async with asyncio.timeout(self.timeout):
-                pool = await self._connect()
-                conn = await pool.acquire()
-        except PgError:
-            raise
-        except _CATALOG_ERRORS as e:  # nothing was sent
-            raise self._unreachable(e, f"record the commit of {gid}") from None
+        hot = self._hot
+        if hot is not None and not self._hot_busy and not hot.is_closed():
+            conn = hot  # the common case: no pool acquire/release (~0.1 ms each here)
+            self._hot_busy = True
+        else:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    pool = await self._connect()
+                    conn = await pool.acquire()
+            except PgError:
+                raise
+            except _CATALOG_ERRORS as e:  # nothing was sent
+                raise self._unreachable(e, f"record the commit of {gid}") from None
+            if hot is None or hot.is_closed():
+                self._hot, self._hot_busy = conn, True  # kept out of the pool from now on
+        failed = True  # unless it answers: a connection left mid-statement is not reused
         try:
             standing = await _decide(conn, gid, "commit", participants, self.decided_by,
                                      max(0.1, deadline - loop.time()))
+            failed = False
         except _UNSURE as e:
             first = e
         except asyncpg.PostgresError as e:
             # The server answered with an error: the statement, and so the decision, failed.
+            failed = False
             raise PgError(e.sqlstate or "XX000", f"the decision log at {self.where} refused "
                           f"the commit decision of {gid}: {e}",
                           hint="check that database") from None
@@ -259,7 +275,8 @@ class DecisionLog:
             _check_commit(gid, standing)
             return
         finally:
-            await _release(pool, conn)
+            await self._give_back(conn, broken=failed)
+        pool = await self._connect()
         # The write went out and its fate is unknown: ask again, on another connection. The
         # same insert either finds the first one's row or, if that never landed, decides now.
         log.warning("commit decision of %s: %s; asking again", gid, _why(first))
@@ -273,6 +290,21 @@ class DecisionLog:
                 hint="recovery commits or rolls back the prepared transactions once that "
                 "database answers; see SHOW IN_DOUBT") from None
         _check_commit(gid, standing)
+
+    async def _give_back(self, conn: Any, *, broken: bool) -> None:
+        """After a commit decision on `conn`: the hot connection stays out of the pool (it is
+        dropped when broken); any other goes back."""
+        if conn is self._hot:
+            self._hot_busy = False
+            if broken:
+                self._hot = None
+                conn.terminate()
+            return
+        pool = self._pool
+        if pool is None:
+            conn.terminate()
+        else:
+            await _release(pool, conn)
 
     async def _decide_alone(self, gid: str, decision: Decision,
                             participants: Sequence[str]) -> Decision:
@@ -306,6 +338,27 @@ class DecisionLog:
         if self._forgetting is None or self._forgetting.done():
             self._forgetting = asyncio.ensure_future(self._forget_pending())
         await asyncio.shield(self._forgetting)
+
+    def forget_soon(self, gid: str) -> None:
+        """Delete the decision of `gid` with others, in one statement within
+        FORGET_DELAY seconds (a decision row left by a crash in between is recovery's)."""
+        if self.catalog is None:
+            return
+        self._to_forget.add(gid)
+        if self._forget_timer is None:
+            self._forget_timer = asyncio.get_running_loop().call_later(
+                FORGET_DELAY, self._forget_now)
+
+    def _forget_now(self) -> None:
+        self._forget_timer = None
+        if self._forgetting is None or self._forgetting.done():
+            self._forgetting = asyncio.ensure_future(self._forget_quietly())
+
+    async def _forget_quietly(self) -> None:
+        try:
+            await self._forget_pending()
+        except PgError as e:
+            log.info("could not forget decisions yet: %s", e.message)
 
     async def _forget_pending(self) -> None:
         while self._to_forget:
@@ -346,6 +399,17 @@ class DecisionLog:
         return result
 
     async def close(self) -> None:
+        if self._forget_timer is not None:
+            self._forget_timer.cancel()
+            self._forget_timer = None
+        if self._to_forget and self._pool is not None:
+            try:  # what is left is recovery's otherwise
+                await asyncio.wait_for(self._forget_pending(), self.timeout)
+            except (PgError, TimeoutError):
+                pass
+        hot, self._hot = self._hot, None
+        if hot is not None:
+            hot.terminate()
         pool, self._pool = self._pool, None
         if pool is not None:
             try:
