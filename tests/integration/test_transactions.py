@@ -104,6 +104,37 @@ def test_a_transaction_joins_shards_and_commits_on_all(
     assert_nothing_left_behind(tx_proxy, shards)
 
 
+@pytest.mark.parametrize("failing", [0, 1], ids=["the default shard", "another shard"])
+def test_a_check_that_fails_at_commit_rolls_back_every_shard(
+        failing: int, tx_proxy: ProxyProcess, shards: list[PostgresCluster],
+        fresh: None) -> None:
+    """A deferred constraint that fails at COMMIT on one shard: on the default shard (s1,
+    whose COMMIT records the decision when there is no catalog) or on a prepared one. Either
+    way nothing is committed anywhere and the client is told."""
+    cluster = shards[failing]
+    on_shard(cluster, f"create function {ACCOUNTS}_nonneg() returns trigger language plpgsql "
+             "as $$ begin if new.balance = 77 then raise exception 'unlucky balance' using "
+             "errcode = '23514'; end if; return null; end $$")
+    on_shard(cluster, f"create constraint trigger nonneg after update on {ACCOUNTS} "
+             "deferrable initially deferred for each row "
+             f"execute function {ACCOUNTS}_nonneg()")
+    try:
+        with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD)) as conn:
+            conn.execute(f"update {ACCOUNTS} set balance = 77 where tenant_id = 1 and id = 10")
+            conn.execute(f"update {ACCOUNTS} set balance = 77 where tenant_id = 2 and id = 20")
+            with pytest.raises(psycopg.errors.TransactionRollback) as info:
+                conn.commit()
+            assert info.value.sqlstate == "40000"
+            assert "unlucky balance" in str(info.value)
+            assert f"s{failing + 1}" in str(info.value)
+        assert balances(shards) == {10: 100, 11: 100, 20: 100, 21: 100, 30: 100, 31: 100}
+        assert prepared_left(shards) == []
+        assert_nothing_left_behind(tx_proxy, shards)
+    finally:
+        on_shard(cluster, f"drop trigger nonneg on {ACCOUNTS}")
+        on_shard(cluster, f"drop function {ACCOUNTS}_nonneg()")
+
+
 def test_rollback_and_the_aborted_state(tx_proxy: ProxyProcess,
                                         shards: list[PostgresCluster], fresh: None) -> None:
     with psycopg.connect(tx_proxy.dsn("app", APP_PASSWORD)) as conn:

@@ -219,6 +219,10 @@ class Coordinator:
         decisions = self.proxy.decision_log  # the catalog's, or the default shard's
         gid = make_gid(self.instance, next(self.numbers))
         quoted = gid.replace("'", "''")
+        decider = next((p for p in (*written, *readers)
+                        if p.conn.pool.address == decisions.address), None)
+        if decider is not None:
+            return await self._decided_by(decider, readers, written, gid)
         readers_done = asyncio.ensure_future(run_all(readers, m.query("COMMIT")))
         prepared = await run_all(written, m.query(f"PREPARE TRANSACTION '{quoted}'"))
         await readers_done
@@ -266,6 +270,81 @@ class Coordinator:
         self.commits += 1
         if failures:
             # The decision is recorded: recovery commits what is left (twophase.py).
+            for shard, error in failures:
+                log.warning("COMMIT PREPARED %s on %s failed: %s; recovery will finish it",
+                            gid, shard, error.message)
+        else:
+            decisions.forget_soon(gid)
+        return b"COMMIT", None
+
+    async def _decided_by(self, decider: Participant, readers: Sequence[Participant],
+                          written: Sequence[Participant], gid: str
+                          ) -> tuple[bytes, PgError | None]:
+        """Two-phase commit where a participant's shard database holds the decision log (no
+        catalog of its own): that participant is not prepared. Once the others are, it
+        records the decision inside its own transaction and commits: that COMMIT is the
+        decision, durable with its writes. Then COMMIT PREPARED on the others. Recovery is
+        unchanged: a prepared transaction commits if its decision row exists. Saves the
+        decider's PREPARE and COMMIT PREPARED and a connection to the log."""
+        decisions = self.proxy.decision_log
+        quoted = gid.replace("'", "''")
+        others = [p for p in written if p is not decider]
+        readers = [p for p in readers if p is not decider]
+        try:
+            table = await decisions.table()
+        except PgError as e:
+            await self.rollback([*written, *readers, decider])
+            self.aborts += 1
+            return b"ROLLBACK", PgError(
+                "40000", "the transaction was rolled back on every shard: the commit decision "
+                f"could not be recorded ({e.message})", hint="retry the transaction")
+        readers_done = asyncio.ensure_future(run_all(readers, m.query("COMMIT")))
+        prepared = await run_all(others, m.query(f"PREPARE TRANSACTION '{quoted}'"))
+        await readers_done
+        ok = [p for p, r in zip(others, prepared, strict=True)
+              if not r.errors and r.tag == b"PREPARE TRANSACTION"]
+        if len(ok) < len(others):
+            failed = next(p for p in others if p not in ok)
+            reply = prepared[others.index(failed)]
+            why = reply.errors[0].message if reply.errors else "its transaction had failed"
+            await run_all(ok, m.query(f"ROLLBACK PREPARED '{quoted}'"))
+            await self.rollback([decider])
+            self.aborts += 1
+            return b"ROLLBACK", PgError(
+                "40000", f"the transaction was rolled back on every shard: shard "
+                f"{failed.shard} could not prepare it ({why})", hint="retry the transaction")
+        fault("after_prepare")
+        sql = decisions.commit_statement(table, gid, [p.shard for p in others])
+        reply = await decider.run(m.query(sql))
+        if decider.call.lost:
+            # The COMMIT went out and its fate is unknown: recovery finds the decision row,
+            # or not, once the shard answers.
+            self.aborts += 1
+            return b"ROLLBACK", PgError(
+                "08007", "the outcome of the transaction is unknown: shard "
+                f"{decider.shard} went away while it committed (its commit is the decision); "
+                "recovery commits or rolls back the other shards by what it finds there",
+                hint="SHOW IN_DOUBT in the admin console lists the transaction until it is "
+                "resolved")
+        if reply.errors or reply.tag != b"COMMIT":
+            await run_all(others, m.query(f"ROLLBACK PREPARED '{quoted}'"))
+            self.aborts += 1
+            why = reply.errors[0].message if reply.errors else "it did not commit"
+            return b"ROLLBACK", PgError(
+                "40000", f"the transaction was rolled back on every shard: shard "
+                f"{decider.shard} could not commit it with the decision ({why})",
+                hint="retry the transaction")
+        fault("after_decision")
+        commit = m.query(f"COMMIT PREPARED '{quoted}'")
+        if FAULT == "mid_commit":
+            if len(others) > 1:
+                await others[0].run(commit)
+            fault("mid_commit")
+        done = await run_all(others, commit)
+        failures = [(p.shard, r.errors[0]) for p, r in zip(others, done, strict=True)
+                    if r.errors and r.errors[0].sqlstate not in ("42704", "55000")]
+        self.commits += 1
+        if failures:
             for shard, error in failures:
                 log.warning("COMMIT PREPARED %s on %s failed: %s; recovery will finish it",
                             gid, shard, error.message)

@@ -169,6 +169,7 @@ class DecisionLog:
         self._to_forget: set[str] = set()
         self._forgetting: asyncio.Future[None] | None = None
         self._forget_timer: asyncio.TimerHandle | None = None
+        self._table: str | None = None  # schema-qualified, once known
         # A connection kept for commit decisions (the hot path), out of the pool.
         self._hot: Any = None
         self._hot_busy = False
@@ -211,6 +212,30 @@ class DecisionLog:
                 raise
             self._pool = pool
             return pool
+
+    async def table(self) -> str:
+        """The decision table's schema-qualified name (created if missing): for statements
+        that write it on other connections, whatever their search_path."""
+        if self._table is None:
+            async def work(conn: Any) -> str:
+                name: str = await conn.fetchval(
+                    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_catalog.pg_class c "
+                    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+                    f"WHERE c.oid = to_regclass({_literal(TABLE)})", timeout=self.timeout)
+                return name
+            self._table = await self._run("find the decision table", work)
+        return self._table
+
+    def commit_statement(self, table: str, gid: str, participants: Sequence[str]) -> str:
+        """SQL that records the decision to commit `gid` inside a transaction of the decision
+        database, and commits that transaction: its COMMIT is the decision (the transaction's
+        own writes commit with it). It fails, and rolls back, if the gid has a decision
+        already (recovery's "rollback", after it waited for this one)."""
+        array = "ARRAY[" + ", ".join(_literal(p) for p in participants) + "]::text[]"
+        by = _literal(self.decided_by) if self.decided_by is not None else "NULL"
+        return (f"SET LOCAL synchronous_commit TO on; INSERT INTO {table} (gid, decision, "
+                f"participants, decided_by) VALUES ({_literal(gid)}, 'commit', {array}, {by}); "
+                "COMMIT")
 
     async def _run(self, doing: str, work: Any) -> Any:
         """`await work(conn)` on a pooled connection, within the timeout; errors as PgError."""
