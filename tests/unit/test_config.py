@@ -260,11 +260,12 @@ def test_changed_settings_names_what_differs() -> None:
         ({"shard": {}}, "shard: unknown key (allowed: "),
         ({"shard": {}}, "did you mean 'shards'?"),
         ({"port": 5}, "port: unknown key (allowed: listen, tls, auth, pool, transactions, "
-                      "rebalance, database, admin_database, default_shard, catalog, users, shards, "
-                      "sharding); "
+                      "rebalance, metrics, database, admin_database, default_shard, catalog, "
+                      "users, shards, sharding); "
                       "did you mean listen: {port: ...}?"),
         ({"auth_method": "trust"}, "auth_method: unknown key (allowed: listen, tls, auth, pool, "
-                                   "transactions, rebalance, database, admin_database, "
+                                   "transactions, rebalance, metrics, database, "
+                                   "admin_database, "
                                    "default_shard, "
                                    "catalog, users, shards, sharding); did you mean auth: "
                                    "{method: ...}?"),
@@ -401,7 +402,7 @@ default_shard: s1
     # only the unknown key, not a duplicate
     assert problems(text) == [
         "x-server: unknown key (allowed: listen, tls, auth, pool, transactions, rebalance, "
-        "database, "
+        "metrics, database, "
         "admin_database, default_shard, catalog, users, shards, sharding)"
     ]
 

@@ -25,6 +25,7 @@ from shardwire.config.model import (
     AuthMethod,
     Config,
     Listen,
+    MetricsSettings,
     PoolMode,
     PoolSettings,
     RebalanceSettings,
@@ -296,7 +297,9 @@ def _top_level_aliases() -> dict[str, str]:
     aliases: dict[str, str] = {}
     for s in SETTINGS:
         if s.section is not None:
-            aliases[s.key] = aliases[s.path.replace(".", "_")] = f"{s.section}: {{{s.key}: ...}}"
+            where = f"{s.section}: {{{s.key}: ...}}"
+            aliases.setdefault(s.key, where)  # `port` is listen's before metrics'
+            aliases[s.path.replace(".", "_")] = where
     return aliases
 
 
@@ -334,6 +337,7 @@ class _Reader:
                 self.check_keys(mapping, name, [s.key for s in SETTINGS if s.section == name])
         values = {s.path: self.setting(s, sections, tree) for s in SETTINGS}
         tls = self.tls(sections["tls"], values)
+        metrics = self.metrics(sections["metrics"], values)
         auth_method: AuthMethod = values["auth.method"]
         users = self.users(tree.get("users"), auth_method)
         shards, shard_names = self.shards(tree.get("shards"))
@@ -376,6 +380,7 @@ class _Reader:
             pool=PoolSettings(**settings_in("pool")),
             transactions=TransactionSettings(**settings_in("transactions")),
             rebalance=RebalanceSettings(**settings_in("rebalance")),
+            metrics=metrics,
             catalog=values["catalog"],
             admin_database=values["admin_database"],
             path=file,
@@ -541,6 +546,21 @@ class _Reader:
                 continue
             files[key] = str(file)
         return Tls(**files) if len(files) == 2 else None
+
+    def metrics(self, section: dict[Any, Any] | None, values: dict[str, Any]
+                ) -> MetricsSettings | None:
+        """The Prometheus endpoint: on when the file has a `metrics` mapping."""
+        if section is None or "metrics.port" in self.failed or "metrics.host" in self.failed:
+            return None
+        port = values["metrics.port"]
+        if port is None:
+            self.problem("metrics.port", "required when metrics is set (the TCP port of the "
+                                         "Prometheus endpoint, e.g. 9187)")
+            return None
+        if port == values["listen.port"] and "listen.port" not in self.failed:
+            self.problem("metrics.port", f"must differ from listen.port ({port})")
+            return None
+        return MetricsSettings(port, values["metrics.host"] or "127.0.0.1")
 
     def sharding(self, raw: object, shard_names: list[str], default_shard: str | None
                  ) -> ShardMap | None:

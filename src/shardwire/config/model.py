@@ -97,6 +97,14 @@ class RebalanceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsSettings:
+    """The Prometheus endpoint (docs/metrics.md); present only when the file has `metrics`."""
+
+    port: int
+    host: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole Shardwire configuration."""
 
@@ -110,6 +118,7 @@ class Config:
     pool: PoolSettings = field(default_factory=PoolSettings)
     transactions: TransactionSettings = field(default_factory=TransactionSettings)
     rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
+    metrics: MetricsSettings | None = None  # None: no metrics endpoint
     catalog: ServerAddress | None = None
     admin_database: str = "shardwire"
     path: str | None = None  # the file it was loaded from, for RELOAD

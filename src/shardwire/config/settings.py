@@ -138,6 +138,12 @@ SETTINGS: tuple[Setting, ...] = (
             "window.", minimum=1, maximum=100_000),
     Setting("rebalance.heat_retention", float, _REBALANCE.heat_retention, True,
             "Heat windows older than this are deleted from the catalog.", positive=True),
+    # No defaults: without a `metrics` section there is no endpoint (docs/metrics.md).
+    Setting("metrics.host", str, None, False,
+            "Address the Prometheus endpoint listens on (127.0.0.1 when the section is set)."),
+    Setting("metrics.port", int, None, False,
+            "TCP port of the Prometheus endpoint (HTTP, /metrics); required in the metrics "
+            "section.", minimum=1, maximum=65535),
 )
 
 SETTINGS_BY_PATH: dict[str, Setting] = {s.path: s for s in SETTINGS}

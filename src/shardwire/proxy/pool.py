@@ -200,6 +200,7 @@ class ServerConnection(asyncio.Protocol):
             link.rows = 0
         if link.errors:
             counters.errors += link.errors
+            pool.stats.errors += link.errors  # the metrics' total (heat's is per window)
             link.errors = 0
         if key is not None:
             pool.heat.record_key(key[0], key[1], pool.shard, busy)

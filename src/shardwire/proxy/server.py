@@ -60,6 +60,7 @@ from .distributed import (
     statement_reply,
 )
 from .fanout import apply_settings, query_rows, quote_literal, show
+from .metrics import ProxyMetrics
 from .pool import Pool, ServerConnection
 from .protocol import frontend
 from .protocol import messages as m
@@ -1141,6 +1142,7 @@ class ClientConnection(asyncio.Protocol):
                 def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
                     return ScatterRead(self, plan.shards, merge, unit,
                                        param_types=param_types, functions=functions).run()
+        self.proxy.metrics.multi_shard += 1
         self.multi_start = start
         if ends_unit:
             self._run_multi([msg])
@@ -1195,6 +1197,7 @@ class ClientConnection(asyncio.Protocol):
         def start(unit: list[tuple[int, bytes]]) -> Awaitable[None]:
             return QueryString(self, plan.shards, steps, begin=begin, tags=plan.begin).run()
 
+        self.proxy.metrics.multi_shard += 1
         self.multi_start = start
         self._run_multi([msg])
 
@@ -1391,6 +1394,7 @@ class ClientConnection(asyncio.Protocol):
         waiting for one), else at once."""
         error = m.error_response(err)
         if self.server is None and not self.batch and self.begin_sql is None:
+            self.proxy.metrics.refused[err.sqlstate[:2]] += 1
             if ends_unit:
                 self.write(error + m.ready_for_query(b"I"))
             else:
@@ -1405,6 +1409,7 @@ class ClientConnection(asyncio.Protocol):
                 return
         server = self.server
         assert server is not None
+        self.proxy.metrics.refused[err.sqlstate[:2]] += 1  # here: a retry did not get this far
         self._write_server([], server.link.refusal(error, own_unit=ends_unit))
 
     def _local_query(self, sql: bytes) -> bytes | None:
@@ -1558,6 +1563,7 @@ class Proxy:
         self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
         self.heat = Heat(time.time(), config.rebalance.heat_top_keys)  # SHOW HOT, rebalancer
         self._heat_flush: asyncio.Task[None] | None = None
+        self.metrics = ProxyMetrics(self)  # the Prometheus endpoint (metrics.py)
         self._apply_config(config)
 
     def _apply_config(self, config: Config) -> None:
@@ -1626,6 +1632,7 @@ class Proxy:
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
         self._heat_flush = loop.create_task(flush_heat(self))
+        self.metrics.start()  # serves /metrics when the config has a metrics section
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
 
     async def _watch_deadlocks(self) -> None:
@@ -1659,6 +1666,7 @@ class Proxy:
             settings = self.config.transactions
             try:
                 report = await self.recovery.run_once(min_age=settings.recovery_min_age)
+                self.metrics.recovered(report)  # the in-doubt gauge (metrics.py)
                 if report.committed or report.rolled_back:
                     log.info("recovery: committed %d, rolled back %d prepared transactions",
                              len(report.committed), len(report.rolled_back))
@@ -1693,6 +1701,7 @@ class Proxy:
             pool.close()
         await self.directory.close()
         await self.decision_log.close()
+        await self.metrics.close()
 
     def reload(self) -> list[str]:
         """Load the config file again. Returns the problems; the old config stays on error."""
