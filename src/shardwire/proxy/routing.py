@@ -29,7 +29,7 @@ from ..router.plan import (
     SingleShard,
 )
 from ..router.route import RouteContext, route
-from ..router.shardmap import KeyType, KeyValue, RuleKind, ShardMap
+from ..router.shardmap import KeyType, KeyValue, Rule, RuleKind, ShardMap
 from ..router.values import decode_param, parse_number, to_key
 
 _I16 = struct.Struct("!h")
@@ -97,6 +97,9 @@ class StatementRouter:
         self._reasons: dict[tuple[str, str], str] = {}
         self._fingerprint = FingerprintCache()
         self._merges: dict[bytes, tuple[MergePlan, frozenset[str]] | MergeError] = {}
+        # Statement shapes (simple protocol: normalised text; extended: id of the analysis)
+        # routed by an integer key alone, and how (`_Lane`); None: not such a statement.
+        self._lanes: dict[bytes | int, _Lane | None] = {}
         # (rule name, key) of the last statement planned for one shard by its key, else None:
         # the proxy records the key's heat when the statement is answered (rebalancer/heat.py).
         self.last_key: tuple[str, KeyValue] | None = None
@@ -120,6 +123,7 @@ class StatementRouter:
             cache.clear()
             self._fast_slots.clear()
             self._keep.clear()
+            self._lanes.clear()
         cache[sql] = result
         return result
 
@@ -129,6 +133,16 @@ class StatementRouter:
         literals: tuple[Literal, ...] = ()
         if printed is not None:
             shape, literals = printed
+            lane = self._lanes.get(shape)
+            if lane is not None and ctx.shard is None and ctx.key is None:
+                lit = literals[lane.index]
+                text = lit.text
+                if not lit.is_string and len(text) < 19 and text.isascii() and text.isdigit():
+                    plan = lane.plan(int(text))
+                    if plan is not None:
+                        self.hits += 1
+                        self.last_key = (lane.rule.name, int(text))
+                        return plan
             analyses = self.analyses(shape, self._simple)
         else:
             analyses = self.analyses(sql, self._prepared)
@@ -147,6 +161,9 @@ class StatementRouter:
         if len(analyses) == 1 and ctx.shard is None and ctx.key is None:
             fast = self._fast(analyses[0], values)
             if fast is not None:
+                if printed is not None and shape not in self._lanes:
+                    self._lanes[shape] = _lane(analyses[0], self._fast_slots[id(analyses[0])],
+                                               literal=True)
                 return fast
         return self._general(analyses, values, ctx)
 
@@ -220,6 +237,16 @@ class StatementRouter:
 
     def plan_bind(self, analyses: Sequence[Analysis], param_types: Sequence[int],
                   params: BindValues, ctx: RouteContext, timezone: str = "UTC") -> Plan:
+        if len(analyses) == 1 and ctx.shard is None and ctx.key is None:
+            lane = self._lanes.get(id(analyses[0]))
+            if lane is not None:
+                value = _bound_integer(lane.index, param_types, params)
+                if value is not None:
+                    plan = lane.plan(value)
+                    if plan is not None:
+                        self.last_key = (lane.rule.name, value)
+                        return plan
+
         def values(slot: Slot, key_type: KeyType) -> KeyValue | None:
             if slot.null:
                 return None
@@ -247,11 +274,69 @@ class StatementRouter:
         if len(analyses) == 1 and ctx.shard is None and ctx.key is None:
             fast = self._fast(analyses[0], values)
             if fast is not None:
+                a = analyses[0]
+                if id(a) not in self._lanes:
+                    self._lanes[id(a)] = _lane(a, self._fast_slots[id(a)], literal=False)
                 return fast
         return self._general(analyses, values, ctx)
 
 
 _UNSET = object()
+
+
+class _Lane:
+    """The plan of a statement shape whose only decision is an integer key, `key = value`:
+    the value's shard, with no analysis looked at (see `_lane`)."""
+
+    __slots__ = ("index", "rule", "plans")
+
+    def __init__(self, index: int, rule: Rule) -> None:
+        self.index = index  # of the literal (simple protocol) or the parameter (extended)
+        self.rule = rule
+        self.plans = {shard: SingleShard(shard, f"{rule.kind.value} rule {rule.name} puts "
+                                         f"the key on {shard}") for shard in rule.shards}
+
+    def plan(self, value: int) -> SingleShard | None:
+        shard = self.rule.shard_for(value)
+        return None if shard is None else self.plans[shard]
+
+
+def _lane(a: Analysis, slot: object, *, literal: bool) -> _Lane | None:
+    """A lane for a statement `_fast` routed, when its key is an integer literal or parameter
+    taken as written (no cast, no minus sign): then `int(text)` or the binary integer is the
+    key `_fast` would read, and the lane skips the rest. None for other statements."""
+    rule = a.rule
+    if (rule is None or not isinstance(slot, Slot) or rule.key_type is not KeyType.INTEGER
+            or slot.cast or slot.negate or slot.null or slot.literal is not None
+            or slot.string):
+        return None
+    index = slot.param - (LITERAL_BASE + 1 if literal else 1)
+    return _Lane(index, rule) if index >= 0 else None
+
+
+# Integer parameter types, their binary widths and the digits their text may have to be
+# taken without a closer look (int2 up to 9999, int4 up to 999,999,999).
+_INT_WIDTHS = {0: (2, 4, 8), 21: (2,), 23: (4,), 20: (8,)}
+_INT_DIGITS = {0: 18, 21: 4, 23: 9, 20: 18}
+
+
+def _bound_integer(index: int, param_types: Sequence[int], params: BindValues) -> int | None:
+    """A Bind parameter's integer value when it is plainly one (a declared or undeclared
+    integer type, in binary or plain digits); None for anything that needs `decode_param`."""
+    if index >= len(params.values):
+        return None
+    data = params.values[index]
+    if data is None:
+        return None
+    oid = param_types[index] if index < len(param_types) else 0
+    widths = _INT_WIDTHS.get(oid)
+    if widths is None:
+        return None
+    if params.format_of(index) == 1:
+        return int.from_bytes(data, "big", signed=True) if len(data) in widths else None
+    if 0 < len(data) <= _INT_DIGITS[oid] and data.isdigit():
+        return int(data)
+    return None
 
 
 def _known_key(analyses: Sequence[Analysis],
