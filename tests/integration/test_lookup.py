@@ -71,6 +71,24 @@ def test_new_keys_get_a_shard_and_rows_follow_the_directory(
                              dbname=CATALOG) == "0"
 
 
+def test_a_multi_row_insert_of_new_keys_is_placed_then_split(
+        make_proxy: MakeProxy, shards: list[PostgresCluster], users_table: str) -> None:
+    """New keys in one INSERT get their shards first (least loaded: spread), then each
+    shard gets its own rows; RETURNING comes back in the VALUES order."""
+    proxy = make_proxy(lookup_config(shards, users_table))
+    with psycopg.connect(proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+        rows = conn.execute(f"INSERT INTO {users_table} (user_id, name) VALUES (21, 'a'), "
+                            "(22, 'b'), (23, 'c'), (24, 'd') RETURNING user_id").fetchall()
+        assert rows == [(21,), (22,), (23,), (24,)]
+    directory = dict(
+        (int(k), s) for k, s in (line.split("|") for line in shards[0].sql(
+            f"SELECT key, shard FROM directory_{users_table}", dbname=CATALOG).split()))
+    assert set(directory) == {21, 22, 23, 24}
+    assert set(directory.values()) == {"s1", "s2"}  # the rows really went two ways
+    on = {"s1": rows_on(shards[0], users_table), "s2": rows_on(shards[1], users_table)}
+    assert on == {s: {k for k, v in directory.items() if v == s} for s in ("s1", "s2")}
+
+
 def test_explicit_policy_and_a_second_proxy(
         make_proxy: MakeProxy, shards: list[PostgresCluster], users_table: str) -> None:
     first = make_proxy(lookup_config(shards, users_table, new_keys="s2"))
