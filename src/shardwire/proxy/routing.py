@@ -129,20 +129,29 @@ class StatementRouter:
 
     def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC") -> Plan:
         """The plan of a simple Query (all its statements)."""
-        printed = self._fingerprint(sql)
+        fingerprint = self._fingerprint
+        known = fingerprint.match(sql)
+        printed: tuple[bytes, tuple[Literal, ...]] | None
+        if known is not None:
+            shape, found, strings = known
+            lane = self._lanes.get(shape)
+            if (lane is not None and ctx.shard is None and ctx.key is None
+                    and not strings[lane.index]):
+                text = found.group(lane.index + 1)
+                if len(text) < 19 and text.isdigit():  # ASCII digits: int() reads them
+                    value = int(text)
+                    plan = lane.plan(value)
+                    if plan is not None:
+                        self.hits += 1
+                        self.last_key = (lane.rule.name, value)
+                        return plan
+            found_literals = fingerprint.literals(found, strings)
+            printed = None if found_literals is None else (shape, found_literals)
+        else:
+            printed = fingerprint.scan(sql)
         literals: tuple[Literal, ...] = ()
         if printed is not None:
             shape, literals = printed
-            lane = self._lanes.get(shape)
-            if lane is not None and ctx.shard is None and ctx.key is None:
-                lit = literals[lane.index]
-                text = lit.text
-                if not lit.is_string and len(text) < 19 and text.isascii() and text.isdigit():
-                    plan = lane.plan(int(text))
-                    if plan is not None:
-                        self.hits += 1
-                        self.last_key = (lane.rule.name, int(text))
-                        return plan
             analyses = self.analyses(shape, self._simple)
         else:
             analyses = self.analyses(sql, self._prepared)

@@ -543,24 +543,45 @@ class FingerprintCache:
         self._limit = limit
 
     def __call__(self, sql: bytes) -> tuple[bytes, tuple[Literal, ...]] | None:
+        known = self.match(sql)
+        if known is not None:
+            normalised, found, strings = known
+            literals = self.literals(found, strings)
+            return None if literals is None else (normalised, literals)
+        return self.scan(sql)
+
+    def match(self, sql: bytes) -> tuple[bytes, re.Match[bytes], tuple[bool, ...]] | None:
+        """A known shape's normalised text, the match of its pattern (group i + 1 is literal
+        i, without its quotes) and which literals are strings; None for a shape not seen."""
         first = _FIRST.search(sql)
-        key = sql if first is None else sql[:first.start()]
-        shapes = self._shapes.get(key)
+        shapes = self._shapes.get(sql if first is None else sql[:first.start()])
         if shapes is not None:
             for pattern, normalised, strings in shapes:
                 found = pattern.fullmatch(sql)
-                if found is None:
-                    continue
-                literals = []
-                for text, is_string in zip(found.groups(), strings, strict=True):
-                    if is_string:
-                        value = _string_value(b"'" + text + b"'", True)
-                        if value is None:
-                            return None  # as the scan would (a NUL, bad UTF-8)
-                        literals.append(Literal(value, True))
-                    else:
-                        literals.append(Literal(text.decode("ascii"), False))
-                return normalised, tuple(literals)
+                if found is not None:
+                    return normalised, found, strings
+        return None
+
+    @staticmethod
+    def literals(found: re.Match[bytes], strings: tuple[bool, ...]
+                 ) -> tuple[Literal, ...] | None:
+        """The literals of a `match`; None where the scan would give no fingerprint (a string
+        with a NUL or bad UTF-8)."""
+        literals = []
+        for text, is_string in zip(found.groups(), strings, strict=True):
+            if is_string:
+                value = _string_value(b"'" + text + b"'", True)
+                if value is None:
+                    return None
+                literals.append(Literal(value, True))
+            else:
+                literals.append(Literal(text.decode("ascii"), False))
+        return tuple(literals)
+
+    def scan(self, sql: bytes) -> tuple[bytes, tuple[Literal, ...]] | None:
+        """`fingerprint`, by a scan of the text; the shape is learnt for `match`."""
+        first = _FIRST.search(sql)
+        key = sql if first is None else sql[:first.start()]
         spans: list[tuple[int, int]] = []
         printed = _scan(sql, True, spans)
         if printed is not None:
