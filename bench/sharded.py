@@ -4,6 +4,8 @@ range-shards pgbench_accounts over two PostgreSQL servers, in interleaved rounds
 Setups:
 
 - one-shard: one server holding all of pgbench's tables (scale 10), no sharding rules;
+- routed: the same server behind a map that range-shards pgbench_accounts over that one shard:
+  every statement is routed (to it), so the difference from one-shard is routing alone;
 - sharded: two servers; pgbench_accounts range-sharded on aid (aid < 500001 on s1, the rest on
   s2), pgbench_branches and pgbench_tellers reference tables (a full copy on both),
   pgbench_history unsharded (on the default shard, s1). Each shard is filled directly with
@@ -57,8 +59,8 @@ import shardwire
 from shardwire.testing import PostgresCluster, start_clusters, stop_clusters
 from shardwire.testing.proxy import ProxyProcess
 
-ONE_SHARD, SHARDED = "one-shard", "sharded"
-SETUPS = (ONE_SHARD, SHARDED)
+ONE_SHARD, ROUTED, SHARDED = "one-shard", "routed", "sharded"
+SETUPS = (ONE_SHARD, ROUTED, SHARDED)
 BENCHMARK = "pgbench-S-sharded"
 RATIO_TARGET = 0.9
 ACCOUNTS = 100_000 * SCALE
@@ -78,6 +80,16 @@ class Row(report.Row):
 
         def ratio(r: Mapping[str, PgbenchResult]) -> float | None:
             ours, base = r[SHARDED].tps, r[ONE_SHARD].tps
+            return None if ours is None or not base else ours / base
+
+        return self.median(ratio)
+
+    @property
+    def routed_ratio(self) -> float | None:
+        """Routed ÷ one-shard TPS (one server either way: what routing costs), per round."""
+
+        def ratio(r: Mapping[str, PgbenchResult]) -> float | None:
+            ours, base = r[ROUTED].tps, r[ONE_SHARD].tps
             return None if ours is None or not base else ours / base
 
         return self.median(ratio)
@@ -140,6 +152,30 @@ def main() -> int:
         )
         proxies.append(one)
         one.start()
+        # The same server behind a map that routes every statement (to it): what routing
+        # costs, without a second server on the machine.
+        routed = ProxyProcess(
+            {
+                **base,
+                "shards": {"s1": {"primary": single.dsn(DATABASE, user=USER)}},
+                "sharding": {
+                    "rules": {
+                        "by_aid": {
+                            "kind": "range",
+                            "column": "aid",
+                            "type": "integer",
+                            "tables": ["pgbench_accounts"],
+                            "ranges": [{"shard": "s1"}],
+                        }
+                    },
+                    "reference": ["pgbench_branches", "pgbench_tellers"],
+                },
+            },
+            workdir / "routed",
+            log_level="warning",
+        )
+        proxies.append(routed)
+        routed.start()
         sharded = ProxyProcess(
             {
                 **base,
@@ -170,6 +206,7 @@ def main() -> int:
         sharded.start()
         targets = {
             ONE_SHARD: Target(ONE_SHARD, one.host, one.port),
+            ROUTED: Target(ROUTED, routed.host, routed.port),
             SHARDED: Target(SHARDED, sharded.host, sharded.port),
         }
 
@@ -249,7 +286,7 @@ def _route_text(route: Mapping[str, str]) -> str:
 def _run_rounds(
     targets: Mapping[str, Target], *, seconds: int, rounds: int, logs: Path
 ) -> dict[Workload, list[dict[str, PgbenchResult]]]:
-    """Every workload against both setups, round after round, the order rotating."""
+    """Every workload against every setup, round after round, the order rotating."""
     for name in SETUPS:
         _progress(f"warm-up {name}")
         run_select_only(
@@ -362,9 +399,11 @@ def _verdict(row: Row) -> str:
 
 
 HEADERS = (
-    "protocol", "clients", "one-shard tps", "sharded tps", "sharded/one-shard",
-    "p50 ms one/sharded", "p99 ms one/sharded", "failed one/sharded", f"≥ {RATIO_TARGET}",
+    "protocol", "clients", "one-shard tps", "routed tps", "sharded tps", "routed/one-shard",
+    "sharded/one-shard", "p50 ms one/sharded", "p99 ms one/sharded", "failed one/sharded",
+    f"≥ {RATIO_TARGET}",
 )  # fmt: skip
+NUMERIC = range(1, 7)  # right-aligned columns
 
 
 def cells(row: Row) -> list[str]:
@@ -372,7 +411,9 @@ def cells(row: Row) -> list[str]:
         row.workload.protocol,
         str(row.workload.clients),
         _num(row.tps(ONE_SHARD)),
+        _num(row.tps(ROUTED)),
         _num(row.tps(SHARDED)),
+        _num(row.routed_ratio, 2),
         _num(row.ratio, 2),
         f"{_ms(row.p50(ONE_SHARD))} / {_ms(row.p50(SHARDED))}",
         f"{_ms(row.p99(ONE_SHARD))} / {_ms(row.p99(SHARDED))}",
@@ -388,7 +429,7 @@ def text_table(rows: Sequence[Row]) -> str:
     for n, line in enumerate(table):
         out.append(
             "  ".join(
-                c.rjust(w) if 1 <= i <= 4 and n else c.ljust(w)
+                c.rjust(w) if i in NUMERIC and n else c.ljust(w)
                 for i, (c, w) in enumerate(zip(line, widths, strict=True))
             ).rstrip()
         )
@@ -417,7 +458,9 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "protocol": row.workload.protocol,
             "clients": row.workload.clients,
             "one_shard_tps": _round3(row.tps(ONE_SHARD)),
+            "routed_tps": _round3(row.tps(ROUTED)),
             "sharded_tps": _round3(row.tps(SHARDED)),
+            "routed_ratio": _round3(row.routed_ratio),
             "ratio": _round3(row.ratio),
         }
         for row in rows
@@ -444,12 +487,15 @@ def markdown_section(
         "",
         "What ran: three PostgreSQL servers (fsync off) on this machine. *one-shard*: "
         "Shardwire with one shard holding all of pgbench's tables and no sharding rules. "
-        "*sharded*: Shardwire with two shards; `pgbench_accounts` range-sharded on `aid` "
+        "*routed*: the same server behind a Shardwire whose map range-shards "
+        "`pgbench_accounts` on `aid` over that one shard (every statement is routed, to it): "
+        "the cost of routing alone, without a second server competing for this machine's "
+        "cores. *sharded*: Shardwire with two shards; `pgbench_accounts` range-sharded on `aid` "
         f"(aid < {SPLIT} on s1, the rest on s2: {env['accounts']}), `pgbench_branches` and "
-        "`pgbench_tellers` reference tables, `pgbench_history` on the default shard s1. Both "
+        "`pgbench_tellers` reference tables, `pgbench_history` on the default shard s1. All "
         f"proxies run in transaction mode with pool.size {POOL_SIZE} and log level warning. "
         "In each round, for each protocol and client count (`-j` = min(clients, 2)), pgbench "
-        "ran through both, the order rotating. Figures are medians over the rounds; the ratio "
+        "ran through each, the order rotating. Figures are medians over the rounds; the ratio "
         "is computed within each round, then the median taken. *failed* counts failed "
         "transactions, aborted clients and non-zero exits over all rounds.",
         "",
