@@ -81,11 +81,12 @@ def main(argv: list[str] | None = None) -> int:
                          "this long ago (default 60)")
 
     rebalance = sub.add_parser(
-        "rebalance", help="find hot shards and keys, and plan moves to cooler shards",
+        "rebalance", help="find hot shards and keys, plan moves to cooler shards, apply them",
         description="Read the heat statistics the proxies write to the catalog database and "
         "the sizes of the sharded tables on each shard (no proxy needs to run). `status` "
         "shows them; `plan` proposes moves that bring every shard's load under --threshold "
-        "times the mean load (docs/rebalancing.md). Moving data (`apply`) is not built yet.")
+        "times the mean load (docs/rebalancing.md); `apply` moves tenants and category "
+        "values online, `abort` undoes an unfinished move.")
     actions = rebalance.add_subparsers(dest="action", required=True, metavar="ACTION")
     status = actions.add_parser(
         "status", help="shards with their load, size and hottest keys, and the skew",
@@ -109,6 +110,26 @@ def main(argv: list[str] | None = None) -> int:
                             help="a shard is hot above X times the mean load (default 1.2)")
     status.add_argument("--json", action="store_true", help="print JSON")
     plan.add_argument("--output", metavar="FILE", help="write the plan to FILE")
+    # rebalance apply / abort (rebalancer/apply.py)
+    apply = actions.add_parser(
+        "apply", help="move keys online, from a plan file or --move",
+        description="Move the keys of each move online (docs/rebalancing.md): copy their rows "
+        "to the target shard and stream later changes with logical replication, hold writes "
+        "to them at every proxy for a moment, flip the shard map (the config file is "
+        "rewritten, comments kept; the proxies reload it), verify, delete them from the "
+        "source. Every step is recorded in the catalog database: after a crash, run apply "
+        "again to resume. Tenant and category moves only in this version.")
+    apply.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
+    what = apply.add_mutually_exclusive_group(required=True)
+    what.add_argument("--plan", metavar="FILE", help="a plan file (`rebalance plan --output`)")
+    what.add_argument("--move", action="append", metavar="RULE:KEY[,KEY...]:TO",
+                      help="a move, e.g. by_tenant:42:s2 (repeatable)")
+    abort = actions.add_parser(
+        "abort", help="undo a move that has not flipped the map",
+        description="Undo the unfinished move recorded in the catalog, if it has not flipped "
+        "the map yet: release its fence, drop its subscription, slot and publication, delete "
+        "the rows copied to the target. The source is left as it was.")
+    abort.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
 
     from . import demo_data, health
     health.add_parser(sub)
@@ -197,7 +218,7 @@ def _rebalance(args: argparse.Namespace) -> int:
     config = load_or_report(args.config)
     if config is None:
         return 1
-    if args.threshold < 1:
+    if getattr(args, "threshold", 1) < 1:
         print("--threshold is a multiple of the mean load: at least 1", file=sys.stderr)
         return 2
     return rebalance_command(args, config)

@@ -94,6 +94,7 @@ class RebalanceSettings:
     heat_flush_interval: float = 60.0  # seconds per heat window written to the catalog
     heat_top_keys: int = 100  # keys per rule kept by each space-saving sketch
     heat_retention: float = 86400.0  # windows older than this are deleted from the catalog
+    fence_timeout: float = 15.0  # a write held by a move's fence fails after this (55P03)
 
 
 @dataclass(frozen=True, slots=True)

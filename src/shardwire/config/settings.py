@@ -138,6 +138,9 @@ SETTINGS: tuple[Setting, ...] = (
             "window.", minimum=1, maximum=100_000),
     Setting("rebalance.heat_retention", float, _REBALANCE.heat_retention, True,
             "Heat windows older than this are deleted from the catalog.", positive=True),
+    Setting("rebalance.fence_timeout", float, _REBALANCE.fence_timeout, True,
+            "Seconds a write to keys being moved waits for the move's fence before it fails "
+            "with SQLSTATE 55P03.", positive=True),
     # No defaults: without a `metrics` section there is no endpoint (docs/metrics.md).
     Setting("metrics.host", str, None, False,
             "Address the Prometheus endpoint listens on (127.0.0.1 when the section is set)."),

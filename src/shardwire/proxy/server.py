@@ -60,6 +60,7 @@ from .distributed import (
     statement_reply,
 )
 from .fanout import apply_settings, query_rows, quote_literal, show
+from .fence import Fences
 from .metrics import ProxyMetrics
 from .pool import Pool, ServerConnection
 from .protocol import frontend
@@ -361,7 +362,7 @@ class ClientConnection(asyncio.Protocol):
             self._dispatch(msgs)
             return
         self.heat_key = router.last_key
-        if type(plan) is SingleShard:
+        if type(plan) is SingleShard and not self.proxy.fences.active:  # fence.py: held?
             pool = self.proxy.pool_for(plan.shard)
             conn = pool.try_acquire()
             if conn is not None:
@@ -745,6 +746,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _execute(self, plan: Plan, msg: tuple[int, bytes], *, ends_unit: bool) -> None:
         self.queries += 1
+        # Rebalance fence (fence.py): a write to keys being moved waits for the flip.
+        if self.proxy.fences.active and self.proxy.fences.hold(self, plan, msg, ends_unit):
+            return
         target: str | None
         match plan:
             case SingleShard(shard=shard):
@@ -1563,6 +1567,7 @@ class Proxy:
         self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
         self.heat = Heat(time.time(), config.rebalance.heat_top_keys)  # SHOW HOT, rebalancer
         self._heat_flush: asyncio.Task[None] | None = None
+        self.fences = Fences(self)  # rebalance fences and map flips (fence.py)
         self.metrics = ProxyMetrics(self)  # the Prometheus endpoint (metrics.py)
         self._apply_config(config)
 
@@ -1632,6 +1637,7 @@ class Proxy:
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
         self._heat_flush = loop.create_task(flush_heat(self))
+        self.fences.start()  # fence.py
         self.metrics.start()  # serves /metrics when the config has a metrics section
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
 
@@ -1701,6 +1707,7 @@ class Proxy:
             pool.close()
         await self.directory.close()
         await self.decision_log.close()
+        await self.fences.close()  # fence.py
         await self.metrics.close()
 
     def reload(self) -> list[str]:
@@ -1715,6 +1722,11 @@ class Proxy:
         except OSError as e:
             return [f"{self.config.path}: {e.strerror}"]
         self._apply_config(config)
+        # Prepared statements were analysed with the old map's rules: analyse them again, so
+        # that a map flip (fence.py) reaches them too.
+        for client in self.clients:
+            client.analyses = {name: (self.router.prepared(sql), types, sql)
+                               for name, (_, types, sql) in client.analyses.items()}
         log.info("configuration reloaded from %s", config.path)
         return []
 

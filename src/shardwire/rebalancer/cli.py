@@ -1,6 +1,6 @@
 """`shardwire rebalance status` and `shardwire rebalance plan`: read the heat the proxies wrote
 to the catalog and the sizes of the sharded tables on each shard, show them, and plan moves.
-No running proxy is needed."""
+No running proxy is needed. `apply` and `abort` are in apply.py."""
 
 from __future__ import annotations
 
@@ -239,6 +239,9 @@ def print_plan_summary(plan: RebalancePlan, out: Any) -> None:
 
 
 def rebalance_command(args: Any, config: Config) -> int:
+    if args.action in ("apply", "abort"):
+        from .apply import apply_command
+        return apply_command(args, config)
     try:
         sv = asyncio.run(survey(config, args.since))
     except _FAILURES as e:
