@@ -73,6 +73,10 @@ class Fences:
         self._lock = asyncio.Lock()
         self._map_seen: tuple[int, bool] | None = None
         self._registered = False
+        # Moves running now (move id -> rule name): from their copy to their clean-up, the
+        # moving rows are on both shards, so statements across shards of the rule's tables
+        # are refused (`moving_rule`) rather than see them twice.
+        self.moving: dict[int, str] = {}
 
     # -- life cycle --------------------------------------------------------------------------
 
@@ -148,7 +152,21 @@ class Fences:
 
     # -- the catalog -------------------------------------------------------------------------
 
+    def moving_rule(self, rule: str) -> int | None:
+        """The move in progress of keys of `rule`, if there is one."""
+        return next((ident for ident, name in self.moving.items() if name == rule), None)
+
     async def _sync(self, conn: Any) -> None:
+        running = {r["id"]: r["rule"] for r in await conn.fetch(
+            "SELECT id, rule FROM shardwire_moves WHERE state = 'running'")}
+        for ident in running:
+            if ident not in self.moving:
+                # `apply` copies no row before every live proxy has said it knows.
+                await conn.execute(
+                    "INSERT INTO shardwire_acks (kind, id, instance, ok, detail) "
+                    "VALUES ('moving', $1, $2, true, '') ON CONFLICT DO NOTHING",
+                    ident, self.instance)
+        self.moving = running
         rows = await conn.fetch("SELECT id, rule, keys, source, target FROM shardwire_fences "
                                 "WHERE released_at IS NULL ORDER BY id")
         current = set()

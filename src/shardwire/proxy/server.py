@@ -1108,6 +1108,11 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and server.link.status == b"E":
             self._write_server([msg])  # the transaction has failed: the server says so
             return
+        if a.rule is not None and plan.rows is None and self.proxy.fences.moving:
+            move = self.proxy.fences.moving_rule(a.rule.name)
+            if move is not None:
+                self._refuse(_moving_error(a.rule.name, move), msg, ends_unit=ends_unit)
+                return
         split: dict[str, ShardText] | None = None
         if plan.rows is not None:
             try:
@@ -1176,6 +1181,13 @@ class ClientConnection(asyncio.Protocol):
                                  "apart", hint="send the statements one by one"),
                          msg, ends_unit=True)
             return
+        for a, step in zip(analyses, plan.plans, strict=True):
+            if (isinstance(step, MultiShard) and step.rows is None and a.rule is not None
+                    and self.proxy.fences.moving):
+                move = self.proxy.fences.moving_rule(a.rule.name)
+                if move is not None:
+                    self._refuse(_moving_error(a.rule.name, move), msg, ends_unit=True)
+                    return
         steps = []
         for text, a, step in zip(texts, analyses, plan.plans, strict=True):
             write = a.kind is not Kind.READ
@@ -1836,6 +1848,15 @@ async def send_cancel(host: str, port: int, pid: int, secret: int) -> None:
     writer.write(m.cancel_request(pid, secret))
     await writer.drain()
     writer.close()
+
+
+def _moving_error(rule: str, move: int) -> PgError:
+    return PgError(
+        "55000", f"keys of rule {rule} are being moved between shards (move {move}): until "
+        "the move is done their rows are on both shards, and a statement across shards of "
+        "its tables would count them twice", hint="add a condition on the sharding key "
+        "(statements by key are served), or retry when the move is done (shardwire "
+        "rebalance status)")
 
 
 def install_uvloop() -> None:

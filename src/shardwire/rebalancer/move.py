@@ -203,6 +203,7 @@ class Mover:
         await self.catalog.execute(
             "UPDATE shardwire_moves SET state = $2, detail = $3, updated_at = now(), "
             "finished_at = now() WHERE id = $1", move.id, state, detail)
+        await self._notify(f"{state} {move.id}")  # proxies serve the rule in full again
 
     async def new_move(self, rule: Rule, keys: Sequence[KeyValue], source: str, target: str,
                        plan_move: int | None) -> MoveState:
@@ -231,6 +232,11 @@ class Mover:
                     if move.step == "started":  # refused before anything was done
                         await self.finish(move, "refused", str(e))
                     raise
+                # Every proxy must know of the move before a row is copied: from then on
+                # until the clean-up, statements across shards of the rule's tables would
+                # see the moving rows twice, and proxies refuse them (fence.py).
+                await self._notify(f"moving {move.id}")
+                await self._wait_acks("moving", move.id)
                 await self.ensure_schema(move, src, dst)
                 await self.record(move, "schema")
                 await self.ensure_streaming(move, src, dst)
