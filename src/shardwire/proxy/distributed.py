@@ -223,21 +223,9 @@ class Coordinator:
                         if p.conn.pool.address == decisions.address), None)
         if decider is not None:
             return await self._decided_by(decider, readers, written, gid)
-        readers_done = asyncio.ensure_future(run_all(readers, m.query("COMMIT")))
-        prepared = await run_all(written, m.query(f"PREPARE TRANSACTION '{quoted}'"))
-        await readers_done
-        ok = [p for p, r in zip(written, prepared, strict=True)
-              if not r.errors and r.tag == b"PREPARE TRANSACTION"]
-        if len(ok) < len(written):
-            failed = next(p for p in written if p not in ok)
-            reply = prepared[written.index(failed)]
-            why = reply.errors[0].message if reply.errors else "its transaction had failed"
-            await run_all(ok, m.query(f"ROLLBACK PREPARED '{quoted}'"))
-            self.aborts += 1
-            return b"ROLLBACK", PgError(
-                "40000", f"the transaction was rolled back on every shard: shard "
-                f"{failed.shard} could not prepare it ({why})",
-                hint="retry the transaction")
+        error = await self._prepare(readers, written, gid)
+        if error is not None:
+            return b"ROLLBACK", error
         fault("after_prepare")
         try:
             await decisions.record_commit(gid, [p.shard for p in written])
@@ -259,9 +247,37 @@ class Coordinator:
                 f"decision could not be recorded in the catalog database ({e.message})",
                 hint="check the catalog database, then retry the transaction")
         fault("after_decision")
-        commit = m.query(f"COMMIT PREPARED '{quoted}'")
+        await self._commit_prepared(written, gid)
+        return b"COMMIT", None
+
+    async def _prepare(self, readers: Sequence[Participant], written: Sequence[Participant],
+                       gid: str) -> PgError | None:
+        """PREPARE TRANSACTION on `written` (COMMIT on `readers` meanwhile); when one cannot
+        prepare, the others are rolled back and the client's error is returned."""
+        quoted = gid.replace("'", "''")
+        readers_done = asyncio.ensure_future(run_all(readers, m.query("COMMIT")))
+        prepared = await run_all(written, m.query(f"PREPARE TRANSACTION '{quoted}'"))
+        await readers_done
+        ok = [p for p, r in zip(written, prepared, strict=True)
+              if not r.errors and r.tag == b"PREPARE TRANSACTION"]
+        if len(ok) == len(written):
+            return None
+        failed = next(p for p in written if p not in ok)
+        reply = prepared[written.index(failed)]
+        why = reply.errors[0].message if reply.errors else "its transaction had failed"
+        await run_all(ok, m.query(f"ROLLBACK PREPARED '{quoted}'"))
+        self.aborts += 1
+        return PgError("40000", f"the transaction was rolled back on every shard: shard "
+                       f"{failed.shard} could not prepare it ({why})",
+                       hint="retry the transaction")
+
+    async def _commit_prepared(self, written: Sequence[Participant], gid: str) -> None:
+        """COMMIT PREPARED everywhere, once the decision is recorded; what fails is left to
+        recovery, which commits it by the decision."""
+        commit = m.query("COMMIT PREPARED '" + gid.replace("'", "''") + "'")
         if FAULT == "mid_commit":
-            await written[0].run(commit)
+            if len(written) > 1:
+                await written[0].run(commit)
             fault("mid_commit")
         done = await run_all(written, commit)
         # "does not exist" (42704) or "busy" (55000): recovery is finishing it already.
@@ -269,13 +285,11 @@ class Coordinator:
                     if r.errors and r.errors[0].sqlstate not in ("42704", "55000")]
         self.commits += 1
         if failures:
-            # The decision is recorded: recovery commits what is left (twophase.py).
             for shard, error in failures:
                 log.warning("COMMIT PREPARED %s on %s failed: %s; recovery will finish it",
                             gid, shard, error.message)
         else:
-            decisions.forget_soon(gid)
-        return b"COMMIT", None
+            self.proxy.decision_log.forget_soon(gid)
 
     async def _decided_by(self, decider: Participant, readers: Sequence[Participant],
                           written: Sequence[Participant], gid: str
@@ -298,21 +312,10 @@ class Coordinator:
             return b"ROLLBACK", PgError(
                 "40000", "the transaction was rolled back on every shard: the commit decision "
                 f"could not be recorded ({e.message})", hint="retry the transaction")
-        readers_done = asyncio.ensure_future(run_all(readers, m.query("COMMIT")))
-        prepared = await run_all(others, m.query(f"PREPARE TRANSACTION '{quoted}'"))
-        await readers_done
-        ok = [p for p, r in zip(others, prepared, strict=True)
-              if not r.errors and r.tag == b"PREPARE TRANSACTION"]
-        if len(ok) < len(others):
-            failed = next(p for p in others if p not in ok)
-            reply = prepared[others.index(failed)]
-            why = reply.errors[0].message if reply.errors else "its transaction had failed"
-            await run_all(ok, m.query(f"ROLLBACK PREPARED '{quoted}'"))
+        error = await self._prepare(readers, others, gid)
+        if error is not None:
             await self.rollback([decider])
-            self.aborts += 1
-            return b"ROLLBACK", PgError(
-                "40000", f"the transaction was rolled back on every shard: shard "
-                f"{failed.shard} could not prepare it ({why})", hint="retry the transaction")
+            return b"ROLLBACK", error
         fault("after_prepare")
         sql = decisions.commit_statement(table, gid, [p.shard for p in others])
         reply = await decider.run(m.query(sql))
@@ -335,21 +338,7 @@ class Coordinator:
                 f"{decider.shard} could not commit it with the decision ({why})",
                 hint="retry the transaction")
         fault("after_decision")
-        commit = m.query(f"COMMIT PREPARED '{quoted}'")
-        if FAULT == "mid_commit":
-            if len(others) > 1:
-                await others[0].run(commit)
-            fault("mid_commit")
-        done = await run_all(others, commit)
-        failures = [(p.shard, r.errors[0]) for p, r in zip(others, done, strict=True)
-                    if r.errors and r.errors[0].sqlstate not in ("42704", "55000")]
-        self.commits += 1
-        if failures:
-            for shard, error in failures:
-                log.warning("COMMIT PREPARED %s on %s failed: %s; recovery will finish it",
-                            gid, shard, error.message)
-        else:
-            decisions.forget_soon(gid)
+        await self._commit_prepared(others, gid)
         return b"COMMIT", None
 
 

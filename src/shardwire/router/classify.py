@@ -59,7 +59,7 @@ def split_statements(sql: bytes) -> list[bytes]:
             j = sql.find(b"\n", i)
             i = n if j < 0 else j + 1
         elif c == 0x2F:  # /*
-            i = _skip_block_comment(sql, i)
+            i = skip_block_comment(sql, i)
         else:  # $
             i = _skip_dollar_quote(sql, i)
     piece = sql[start:].strip()
@@ -81,7 +81,9 @@ def _skip_quoted(sql: bytes, i: int, quote: int) -> int:
     return n
 
 
-def _skip_block_comment(sql: bytes, i: int) -> int:
+def skip_block_comment(sql: bytes, i: int) -> int:
+    """Past the end of the (nestable) block comment starting at `i`; the text's end if it
+    never ends."""
     depth = 0
     n = len(sql)
     while i < n:
@@ -124,7 +126,7 @@ def leading_words(statement: bytes, count: int = 3) -> list[str]:
             j = statement.find(b"\n", i)
             i = n if j < 0 else j + 1
         elif statement.startswith(b"/*", i):
-            i = _skip_block_comment(statement, i)
+            i = skip_block_comment(statement, i)
         else:
             m = _WORD.match(statement, i)
             if not m:

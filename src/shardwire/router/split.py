@@ -20,6 +20,7 @@ from bisect import bisect_left
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
+from .classify import skip_block_comment
 from .plan import MultiShard
 
 
@@ -121,7 +122,7 @@ def _scan(sql: bytes) -> _Scan:
             i = n if j < 0 else j + 1
             continue
         if token == b"/*":
-            i = _skip_block_comment(sql, found.start())
+            i = skip_block_comment(sql, found.start())
             continue
         if c == 0x24:  # $
             param = _DIGITS.match(sql, found.start())
@@ -193,22 +194,4 @@ def _skip_quoted_name(sql: bytes, i: int) -> int:
             i = j + 2
         else:
             return j + 1
-    return n
-
-
-def _skip_block_comment(sql: bytes, i: int) -> int:
-    """Past the end of a (nestable) block comment starting at `i`."""
-    depth = 0
-    n = len(sql)
-    while i < n:
-        if sql.startswith(b"/*", i):
-            depth += 1
-            i += 2
-        elif sql.startswith(b"*/", i):
-            depth -= 1
-            i += 2
-            if depth == 0:
-                return i
-        else:
-            i += 1
     return n
