@@ -296,6 +296,14 @@ def test_statements_across_shards_of_a_moving_rule_are_refused_until_the_move_is
         # A split INSERT places each row by the map: served.
         conn.execute(f"INSERT INTO {tables.orders} (tenant_id, id, v) VALUES "
                      f"(2, {ROWS}, 1), (3, {ROWS}, 1)")
+    # A proxy started during the move knows of it from its first statement on.
+    late = start_proxy(make_proxy, shards, tables)
+    try:
+        with psycopg.connect(late.dsn("app", APP_PASSWORD), autocommit=True) as conn:
+            with pytest.raises(psycopg.errors.ObjectNotInPrerequisiteState):
+                conn.execute(f"SELECT count(*) FROM {tables.orders}")
+    finally:
+        late.stop()  # apply waits for the acknowledgements of every live proxy
     again = rebalance(proxy, "apply", "--move", "by_tenant:1:s2")
     assert again.returncode == 0, again.stdout + again.stderr
     deadline = time.monotonic() + 10

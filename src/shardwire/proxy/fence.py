@@ -77,13 +77,23 @@ class Fences:
         # moving rows are on both shards, so statements across shards of the rule's tables
         # are refused (`moving_rule`) rather than see them twice.
         self.moving: dict[int, str] = {}
+        # Set once the catalog was read (or could not be): the proxy waits for it, briefly,
+        # before it takes clients, so that it knows of a move already running.
+        self.first_look = asyncio.Event()
 
     # -- life cycle --------------------------------------------------------------------------
 
-    def start(self) -> None:
+    async def start(self, wait: float = 2.0) -> None:
+        """Start following the catalog, and wait (up to `wait` seconds) for its first reading:
+        a proxy starting during a move must know of it before it serves a statement."""
         if self.proxy.config.catalog is None or not self.proxy.routing:
             return
         self._task = asyncio.get_running_loop().create_task(self._run())
+        try:
+            await asyncio.wait_for(self.first_look.wait(), wait)
+        except TimeoutError:
+            log.warning("rebalance fences: the catalog was not read within %g s of start-up; "
+                        "serving anyway", wait)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -124,6 +134,7 @@ class Fences:
                             "SET seen_at = now()", self.instance, socket.gethostname(),
                             os.getpid())
                         await self._sync(conn)
+                    self.first_look.set()
                     await asyncio.sleep(HEARTBEAT_SECONDS)
             except asyncio.CancelledError:
                 raise
@@ -132,6 +143,7 @@ class Fences:
                             "trying again", e)
             except Exception:
                 log.exception("rebalance fences: unexpected failure; trying again")
+            self.first_look.set()  # the first try is over: start-up does not wait longer
             conn, self._conn = self._conn, None
             if conn is not None:
                 conn.terminate()

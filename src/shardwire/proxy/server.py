@@ -1641,6 +1641,7 @@ class Proxy:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        await self.fences.start()  # before clients: a move already running is known (fence.py)
         listen = self.config.listen
         self._server = await loop.create_server(
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True,
@@ -1649,7 +1650,6 @@ class Proxy:
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
         self._heat_flush = loop.create_task(flush_heat(self))
-        self.fences.start()  # fence.py
         self.metrics.start()  # serves /metrics when the config has a metrics section
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
 
