@@ -408,19 +408,25 @@ def idle_clients_count(idle: Mapping[str, IdleCost | None]) -> int:
 
 
 def replace_section(document: str, section: str) -> str:
-    """``document`` with the text between the markers (inclusive) replaced by ``section``.
+    """``document`` with the benchmark section that ``section`` replaces (the text between
+    ``section``'s own first and last lines, its markers, inclusive), or with ``section``
+    appended when it has none yet.
 
     >>> replace_section("# B\\n\\n" + START_MARKER + "\\nold\\n" + END_MARKER + "\\ntail\\n",
     ...                 START_MARKER + "\\nnew\\n" + END_MARKER + "\\n")
     '# B\\n\\n<!-- bench:pgbench-S:start -->\\nnew\\n<!-- bench:pgbench-S:end -->\\ntail\\n'
+    >>> replace_section("a\\n", "<!-- x:start -->\\ny\\n<!-- x:end -->\\n")
+    'a\\n\\n<!-- x:start -->\\ny\\n<!-- x:end -->\\n'
     """
     if not document.strip():
         return _DOC_HEADER + "\n" + section
-    start = document.find(START_MARKER)
-    end = document.find(END_MARKER, start + 1)
+    lines = section.strip("\n").split("\n")
+    start_marker, end_marker = lines[0], lines[-1]
+    start = document.find(start_marker)
+    end = document.find(end_marker, start + 1) if start >= 0 else -1
     if start < 0 or end < 0:
         return document.rstrip("\n") + "\n\n" + section
-    end += len(END_MARKER)
+    end += len(end_marker)
     if document[end : end + 1] == "\n":
         end += 1
     return document[:start] + section + document[end:]

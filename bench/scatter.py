@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import report
 from cpu_share import children, machine_busy, process_cpu
 from report import write_json
 from run import DATABASE, DOCS, RESULTS, USER, _env_int, _interrupt, _loadavg, _progress
@@ -1011,35 +1012,6 @@ def markdown_section(
     return "\n".join(parts) + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with this benchmark's section replaced, or appended when absent.
-
-    >>> replace_section("a\\n", START_MARKER + "\\nx\\n" + END_MARKER + "\\n")
-    'a\\n\\n<!-- bench:scatter:start -->\\nx\\n<!-- bench:scatter:end -->\\n'
-    >>> replace_section("a\\n" + START_MARKER + "\\nx\\n" + END_MARKER + "\\nb\\n",
-    ...                 START_MARKER + "\\ny\\n" + END_MARKER + "\\n")
-    'a\\n<!-- bench:scatter:start -->\\ny\\n<!-- bench:scatter:end -->\\nb\\n'
-    """
-    start = document.find(START_MARKER)
-    end = document.find(END_MARKER, start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
-        if document and not document.endswith("\n"):
-            document += "\n"
-        return document + ("\n" if document else "") + section
-    end += len(END_MARKER)
-    if document[end : end + 1] == "\n":
-        end += 1
-    return document[:start] + section + document[end:]
-
-
-def _write_docs(path: Path, section: str) -> None:
-    try:
-        document = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        document = ""
-    path.write_text(replace_section(document, section), encoding="utf-8")
-
-
 def _notes(bench: Bench) -> list[str]:
     notes = []
     for name, proxy in bench.proxies.items():
@@ -1146,7 +1118,7 @@ def main() -> int:
                 print(f"note: {note}")
             document = json_document(latency, fanout, results, env=env, checks=checks, notes=notes)
             write_json(RESULTS / "scatter.json", document)
-            _write_docs(
+            report.write_docs(
                 DOCS,
                 markdown_section(latency, fanout, results, env=env, checks=checks, notes=notes),
             )

@@ -233,7 +233,7 @@ def main() -> int:
         for note in notes:
             print(f"note: {note}")
         write_json(RESULTS / "sharded.json", json_rows(rows))
-        _write_docs(DOCS, markdown_section(rows, env=env, route_line=route_line, notes=notes))
+        report.write_docs(DOCS, markdown_section(rows, env=env, route_line=route_line, notes=notes))
         _progress(f"wrote {RESULTS / 'sharded.json'} and {DOCS}")
         return 0 if _route_ok(route_after) else 1
     except KeyboardInterrupt:
@@ -507,35 +507,6 @@ def markdown_section(
         parts += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     parts.append(END_MARKER)
     return "\n".join(parts) + "\n"
-
-
-def replace_section(document: str, section: str) -> str:
-    """``document`` with this benchmark's section replaced, or appended when absent.
-
-    >>> replace_section("a\\n", START_MARKER + "\\nx\\n" + END_MARKER + "\\n")
-    'a\\n\\n<!-- bench:sharded:start -->\\nx\\n<!-- bench:sharded:end -->\\n'
-    >>> replace_section("a\\n" + START_MARKER + "\\nx\\n" + END_MARKER + "\\nb\\n",
-    ...                 START_MARKER + "\\ny\\n" + END_MARKER + "\\n")
-    'a\\n<!-- bench:sharded:start -->\\ny\\n<!-- bench:sharded:end -->\\nb\\n'
-    """
-    start = document.find(START_MARKER)
-    end = document.find(END_MARKER, start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
-        if document and not document.endswith("\n"):
-            document += "\n"
-        return document + ("\n" if document else "") + section
-    end += len(END_MARKER)
-    if document[end : end + 1] == "\n":
-        end += 1
-    return document[:start] + section + document[end:]
-
-
-def _write_docs(path: Path, section: str) -> None:
-    try:
-        document = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        document = ""
-    path.write_text(replace_section(document, section), encoding="utf-8")
 
 
 def _stop(proxies: Sequence[ProxyProcess], clusters: Sequence[PostgresCluster]) -> None:

@@ -64,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import report
 from cpu_share import process_cpu
 from pgbench_run import (
     Target,
@@ -1126,35 +1127,6 @@ def markdown_section(
     return "\n".join(parts) + "\n"
 
 
-def replace_section(document: str, section: str) -> str:
-    """``document`` with this benchmark's section replaced, or appended when absent.
-
-    >>> replace_section("a\\n", START_MARKER + "\\nx\\n" + END_MARKER + "\\n")
-    'a\\n\\n<!-- bench:transactions:start -->\\nx\\n<!-- bench:transactions:end -->\\n'
-    >>> replace_section("a\\n" + START_MARKER + "\\nx\\n" + END_MARKER + "\\nb\\n",
-    ...                 START_MARKER + "\\ny\\n" + END_MARKER + "\\n")
-    'a\\n<!-- bench:transactions:start -->\\ny\\n<!-- bench:transactions:end -->\\nb\\n'
-    """
-    start = document.find(START_MARKER)
-    end = document.find(END_MARKER, start + 1) if start >= 0 else -1
-    if start < 0 or end < 0:
-        if document and not document.endswith("\n"):
-            document += "\n"
-        return document + ("\n" if document else "") + section
-    end += len(END_MARKER)
-    if document[end : end + 1] == "\n":
-        end += 1
-    return document[:start] + section + document[end:]
-
-
-def _write_docs(path: Path, section: str) -> None:
-    try:
-        document = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        document = ""
-    path.write_text(replace_section(document, section), encoding="utf-8")
-
-
 def _notes(transfers: Sequence[Row], tpcb: Sequence[Row], bench: Bench) -> list[str]:
     notes = []
     for row in transfers:
@@ -1318,7 +1290,7 @@ def main() -> int:
             RESULTS / "transactions.json",
             json_document(transfers, tpcb, verdicts, env=env, checks=checks, notes=notes),
         )
-        _write_docs(
+        report.write_docs(
             DOCS,
             markdown_section(transfers, tpcb, verdicts, env=env, checks=checks, notes=notes),
         )
