@@ -751,28 +751,67 @@ def test_multi_row_insert_from_prepared_statements(dsn: str,
         "s1": ["a", "c", "e"], "s2": ["b", "b", "c"], "s3": ["a", "d", "d", "e"]}
 
 
-def test_a_pipeline_across_shards_is_refused_whole(dsn: str,
-                                                  shards: list[PostgresCluster]) -> None:
+def test_a_pipeline_across_shards_is_one_transaction(dsn: str,
+                                                    shards: list[PostgresCluster]) -> None:
     """Statements between two Syncs are one implicit transaction: when they need several
-    shards the pipeline fails with 0A000 and none of its rows land (no hang, no half)."""
-    sql = f"insert into {ORDERS} (id, tenant_id, note) values ($1, $2, 'p')"
+    shards, each runs on its own shard and they commit together at the Sync; an error in any
+    of them (on the first shard or a later one) undoes them all, as on one server."""
+    sql = f"insert into {ORDERS} (id, tenant_id, note) values ($1, $2, $3)"
+    kv = f"insert into {KV} (tenant_id, k, v) values ($1, $2, $3)"
+    plant(shards, ["s3"], KV, "tenant_id, k, v", [3, 1, "taken"])
+    plant(shards, ["s1"], KV, "tenant_id, k, v", [1, 1, "taken"])
 
     async def main() -> None:
         conn = await asyncpg.connect(dsn)
         try:
-            with pytest.raises(asyncpg.FeatureNotSupportedError) as info:
-                await conn.executemany(sql, [(1, 1), (2, 1), (3, 3), (4, 2)])
-            assert "needs shard s3" in str(info.value), str(info.value)
-            await conn.executemany(sql, [(5, 2), (6, 2)])  # one shard: fine
+            await conn.executemany(sql, [(1, 1, "a"), (2, 1, "a"), (3, 3, "a"), (4, 2, "a"),
+                                         (5, 1, "a")])
+            # The duplicate is on the third shard the pipeline reaches: nothing stays.
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.executemany(kv, [(1, 2, "lost"), (2, 2, "lost"), (3, 1, "lost")])
+            # ... and on the first shard, before the pipeline moves on: nothing stays either.
+            with pytest.raises(asyncpg.UniqueViolationError):
+                await conn.executemany(kv, [(1, 1, "lost"), (2, 3, "lost"), (3, 3, "lost")])
+            assert await conn.fetchval("select 1") == 1
+            # Inside a transaction block the pipeline's statements are the block's.
+            async with conn.transaction():
+                await conn.executemany(sql, [(6, 2, "b"), (7, 3, "b")])
+                assert await conn.fetchval(
+                    f"select count(*) from {ORDERS} where note = 'b'") == 2
         finally:
             await close(conn)
 
     run(main())
     with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
-        with refused("0A000"):
-            cur.executemany(sql.replace("$1", "%s").replace("$2", "%s"), [(7, 1), (8, 3)])
+        cur.executemany(sql.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s"),
+                        [(8, 3, "c"), (9, 1, "c")])
+        with refused("23505"), conn.pipeline():
+            cur.execute(kv.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s"),
+                        [2, 5, "lost"])
+            cur.execute(kv.replace("$1", "%s").replace("$2", "%s").replace("$3", "%s"),
+                        [3, 1, "lost"])
         assert conn.execute("select 1").fetchone() == (1,)
-    assert notes_by_shard(shards, ORDERS) == {"s1": [], "s2": ["p", "p"], "s3": []}
+    assert notes_by_shard(shards, ORDERS) == {
+        "s1": ["a", "a", "a", "c"], "s2": ["a", "b"], "s3": ["a", "b", "c"]}
+    assert {name: on_shard(c, f"select tenant_id, k, v from {KV} order by 1, 2")
+            for name, c in zip(SHARD_NAMES, shards, strict=True)} == {
+        "s1": [(1, 1, "taken")], "s2": [], "s3": [(3, 1, "taken")]}
+
+
+def test_a_pipeline_across_shards_with_its_own_begin_is_refused(
+        dsn: str, shards: list[PostgresCluster]) -> None:
+    """A pipeline that opens its own transaction block part-way and then needs another shard
+    is refused with 0A000 (where its transaction starts is the client's), and nothing of it
+    stays."""
+    sql = f"insert into {ORDERS} (id, tenant_id, note) values (%s, %s, 'p')"
+    with connect(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        with refused("0A000", "needs shard s3"), conn.pipeline():
+            cur.execute(sql, [1, 1])
+            cur.execute("begin")
+            cur.execute(sql, [2, 3])
+        conn.execute("rollback")
+        assert conn.execute("select 1").fetchone() == (1,)
+    assert notes_by_shard(shards, ORDERS) == {"s1": [], "s2": [], "s3": []}
 
 
 def test_a_query_string_across_shards_is_one_transaction(

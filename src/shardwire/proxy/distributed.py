@@ -630,7 +630,7 @@ class ShardTransaction:
     """A client's transaction on several shards: the connection of each shard that has
     joined, the BEGIN they started with, and (kept by the client) the open savepoints."""
 
-    __slots__ = ("begin", "conns", "savepoints", "started", "written")
+    __slots__ = ("begin", "conns", "implicit", "savepoints", "started", "written")
 
     def __init__(self, begin: bytes, first: ServerConnection | None,
                  savepoints: list[str]) -> None:
@@ -641,6 +641,9 @@ class ShardTransaction:
         if first is not None:
             self.conns[first.pool.shard] = first
         self.savepoints = savepoints
+        # The implicit transaction of a pipeline (extended-protocol statements up to a Sync)
+        # that went on to another shard: it ends at the Sync (ClientConnection._hop).
+        self.implicit = False
 
     def joining_queries(self) -> tuple[bytes, int]:
         """What a joining shard runs first (in sink mode), and how many replies that is."""

@@ -147,7 +147,12 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = False
         self.retry = False  # the message being handled waits too (see _dispatch)
         self.portal_open = False  # a Bind or Execute went out since the last Sync
-        # The last unnamed Parse (its body after the name) and the connection that has it.
+        # A transaction statement (BEGIN, SAVEPOINT...) was bound since the last Sync: the
+        # pipeline stays on its shard (see _hop).
+        self.pipeline_control = False
+        # A pipeline on its way to another shard (_hop): whether its implicit transaction is
+        # being made a block; None when no hop is under way.
+        self.hop: bool | None = None
         # The client's unnamed statement (its Parse body) and the connection that has it.
         self.unnamed: tuple[bytes, ServerConnection | None] | None = None
         self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
@@ -547,8 +552,9 @@ class ClientConnection(asyncio.Protocol):
     def _skip_until_sync(self, msgs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         for i, (kind, _) in enumerate(msgs):
             if kind == _S:
-                self.skip_to_sync = False
-                self.write(m.ready_for_query(b"I"))
+                self.skip_to_sync = self.pipeline_control = False
+                self.write(m.ready_for_query(
+                    self.server.link.status if self.server is not None else b"I"))
                 return msgs[i + 1:]
             if kind == _X:
                 return msgs[i:]
@@ -570,7 +576,7 @@ class ClientConnection(asyncio.Protocol):
         for i, (kind, body) in enumerate(msgs):
             if self.skip_to_sync:
                 if kind == _S:
-                    self.skip_to_sync = False
+                    self.skip_to_sync = self.pipeline_control = False
                     self.write(m.ready_for_query(self._status()))
                 continue
             if not self._dispatch_one(kind, body, plan if i == 0 else None) or self.retry:
@@ -673,12 +679,16 @@ class ClientConnection(asyncio.Protocol):
                     return True
                 self._bound_begin(known[2], (kind, body))
                 return True
+            if self.portal_open and known[0] and known[0][0].kind is Kind.TRANSACTION:
+                self.pipeline_control = True
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
             self.heat_key = router.last_key
             self._execute(plan, (kind, body), ends_unit=False)
             return True
         if kind in (_S, ord("H"), ord("F")):
+            if kind == _S and self.tx is not None and self.tx.implicit:
+                return self._end_pipeline()
             if server is not None:
                 self._forward((kind, body))
             elif self.batch or kind != ord("H"):
@@ -732,7 +742,7 @@ class ClientConnection(asyncio.Protocol):
             elif kind == ord("E"):
                 self.portal_open = True
             elif kind == _S or kind == _Q:
-                self.portal_open = False
+                self.portal_open = self.pipeline_control = False
         chunks.append(self.statements.rewrite(msgs[start:], link, None))
         if quiet:
             chunks.append(link.end_batch_quietly())
@@ -796,18 +806,137 @@ class ClientConnection(asyncio.Protocol):
                 "use transaction pooling; see docs/pooling.md"), msg, ends_unit=ends_unit)
         elif server.link.status == b"E":
             self._write_server([msg])  # the transaction has failed: the server says so
-        elif self._pipeline_stays(server):
-            self._refuse(self._pipeline_error(server, target), msg, ends_unit=ends_unit)
-        elif server.link.busy or self.portal_open:
-            # The statement before it is still running (or its batch is open): this one
-            # goes to its shard once that is answered.
+        elif self.portal_open and self.tx is None and self.tx_begin is None and (
+                server.link.client_units_due):
+            # Replies to the client's earlier Syncs or Queries are still due, so whether the
+            # pipeline's statements are an implicit transaction is not known yet.
+            self._refuse(self._pipeline_error(
+                server, target, "replies to the client's earlier Syncs are still due, so "
+                "whether they are a transaction block is not known yet"), msg,
+                ends_unit=ends_unit)
+        elif self.portal_open:
+            self._hop(server, target, msg, ends_unit=ends_unit)
+        elif server.link.busy:
+            # The statement before it is still running (or a Parse waits for its Sync):
+            # this one goes to its shard once that is answered.
             if server.link.open_batch_only:  # a Parse (psycopg's unnamed one) without Sync
                 server.write(server.link.end_batch_quietly())
-                self.portal_open = False
             self.waiting = self.retry = True
             self.queries -= 1
         else:
             self._switch_shard(target, msg)
+
+    def _hop(self, server: ServerConnection, target: str, msg: tuple[int, bytes], *,
+             ends_unit: bool) -> None:
+        """A pipeline (statements bound since the last Sync) goes on to another shard.
+
+        Its statements so far ran on `server`; their replies are still in the server's output
+        buffer. A Sync of the proxy's own brings them, and the message waits for it. Outside
+        a transaction block, the statements are an implicit transaction that this Sync would
+        commit: a BEGIN sent first makes them a block instead (PostgreSQL takes the earlier
+        statements into it), and the pipeline becomes a transaction on several shards that
+        ends, all or nothing, at the client's Sync (_end_pipeline). If a statement failed, the
+        server skipped the rest: so does the client's pipeline, up to its Sync (server_ready).
+        """
+        if self.pipeline_control:
+            # BEGIN, COMMIT or a savepoint inside the pipeline: where its transaction starts
+            # and ends is the client's, and it cannot be spread over shards.
+            self._refuse(self._pipeline_error(
+                server, target, "the pipeline holds its own BEGIN, COMMIT or savepoint "
+                "command, whose transaction cannot span shards"), msg, ends_unit=ends_unit)
+            return
+        link = server.link
+        implicit = self.tx is None and self.tx_begin is None and link.status == b"I"
+        if implicit:
+            server.write(link.begin_in_batch())
+            if self.unnamed is not None and self.unnamed[1] is server:
+                self.unnamed = (self.unnamed[0], None)  # replaced by the BEGIN
+        else:
+            server.write(link.end_batch_quietly())
+        log.debug("client %s: pipeline goes on from shard %s to %s", self.addr,
+                  server.pool.shard, target)
+        self.portal_open = False
+        self.hop = implicit
+        self.waiting = self.retry = True
+        self.queries -= 1
+
+    def _hopped(self, conn: ServerConnection) -> bool:
+        """The Sync of a hop (_hop) is answered. False while the pipeline is rolled back."""
+        implicit, self.hop = self.hop, None
+        status = conn.link.status
+        if status == b"T":
+            if implicit:
+                self.tx = ShardTransaction(b"BEGIN", conn, self.savepoints)
+                self.tx.implicit = True
+                if self.wrote:
+                    self.tx.written.add(conn.pool.shard)
+            return True
+        # A statement of the pipeline failed (the client has its error): the rest of the
+        # pipeline is skipped, as the server skipped it.
+        tx = self.tx
+        if tx is None or not tx.implicit:
+            self.skip_to_sync = True
+            return True
+        # The pipeline's transaction on several shards: rolled back now, and the client's Sync
+        # answered with I as the server would.
+
+        async def roll_back() -> None:
+            try:
+                parts = [Participant(c, status=c.link.status) for c in tx.conns.values()]
+                await self.proxy.coordinator.rollback(parts)
+                for part in parts:
+                    part.give_back()
+                self._end_tx(released=True)
+            except Exception:
+                log.exception("rolling back a pipeline on several shards failed")
+                self._end_tx()
+            self.skip_to_sync = True
+            if not self.closed:
+                self._resume()
+
+        asyncio.get_running_loop().create_task(roll_back())
+        return False
+
+    def _end_pipeline(self) -> bool:
+        """The client's Sync of a pipeline that went on to several shards (_hop): commit on
+        every shard (two-phase when two or more wrote), or roll back if a statement failed;
+        then ReadyForQuery I. False while the last statements' replies are still due."""
+        server = self.server
+        assert server is not None
+        if server.link.busy:
+            if server.link.batch_open:
+                server.write(server.link.end_batch_quietly())
+                self.portal_open = False
+            self.waiting = True
+            return False
+        tx = self.tx
+        assert tx is not None
+        self.waiting = True
+        self.pipeline_control = False
+
+        async def run() -> None:
+            try:
+                parts = [Participant(c, status=c.link.status) for c in tx.conns.values()]
+                for part in parts:
+                    part.wrote = part.shard in tx.written
+                _, error = await self.proxy.coordinator.commit(parts)
+                for part in parts:
+                    part.give_back()
+                self._end_tx(released=True)
+                self.write((m.error_response(error) if error is not None else b"")
+                           + m.ready_for_query(b"I"))
+            except Exception:
+                log.exception("committing a pipeline on several shards failed")
+                self.write(m.error_response(PgError(
+                    "XX000", "internal error ending a pipeline on several shards"))
+                    + m.ready_for_query(b"I"))
+                self._end_tx()
+            finally:
+                if not self.closed:
+                    self._resume()
+
+        asyncio.get_running_loop().create_task(run())
+        return True
 
     def _pipeline_stays(self, server: ServerConnection) -> bool:
         """Whether statements of the client's open pipeline (Bind/Execute sent, no Sync yet)
@@ -818,7 +947,7 @@ class ClientConnection(asyncio.Protocol):
             (server.link.status == b"I" and self.begin_sql is None)
             or not server.link.open_batch_only)
 
-    def _pipeline_error(self, server: ServerConnection, target: str) -> PgError:
+    def _pipeline_error(self, server: ServerConnection, target: str, why: str) -> PgError:
         return PgError(
             "0A000", f"the statement needs shard {target}, and the statements before it in "
             f"the same pipeline (no Sync since them) ran on shard {server.pool.shard}; "
@@ -1071,8 +1200,9 @@ class ClientConnection(asyncio.Protocol):
                 self.queries -= 1
                 return
         if server is not None and self._pipeline_stays(server):
-            self._refuse(self._pipeline_error(server, ", ".join(plan.shards)), msg,
-                         ends_unit=ends_unit)
+            self._refuse(self._pipeline_error(
+                server, ", ".join(plan.shards), "a statement for several shards runs on its "
+                "own, not inside a pipeline of others"), msg, ends_unit=ends_unit)
             return
         if server is not None and (server.link.busy or self.portal_open or (
                 self.pinned is None and server.link.status == b"I")):
@@ -1498,6 +1628,8 @@ class ClientConnection(asyncio.Protocol):
 
     def server_ready(self, conn: ServerConnection) -> None:
         """The server answered everything sent so far."""
+        if self.hop is not None and not self._hopped(conn):
+            return
         if conn.link.status == b"I" and self.tx is None:
             self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
             self.tx_begin = None

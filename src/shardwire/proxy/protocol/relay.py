@@ -50,6 +50,9 @@ _ACK_NAME = b"sw_ack"
 _CLOSED_NAME = b"sw_closed"
 # A statement name no server has: binding it fails, which carries a refusal in order.
 _REFUSED_NAME = b"sw_refused"  # Close of a name no server has: the server answers CloseComplete
+_BEGIN_IN_BATCH = (m.message(b"P", b"\x00BEGIN\x00\x00\x00")
+                   + m.message(b"B", b"\x00\x00\x00\x00\x00\x00\x00\x00")
+                   + m.message(b"E", b"\x00\x00\x00\x00\x00"))
 
 
 # Reported parameters a client can change; the others describe the server or the login.
@@ -75,6 +78,8 @@ class _Request:
     owner: ClientStatements | None = None
     client_name: bytes = b""
     statement: PreparedStatement | None = None
+    # The replies after this one's, up to the unit's ReadyForQuery, are the proxy's own.
+    mute_rest: bool = False
 
 
 class ServerLink:
@@ -192,6 +197,17 @@ class ServerLink:
         return m.query(sql)
 
     @property
+    def batch_open(self) -> bool:
+        """Messages of the client's went out since its last Sync (or Query)."""
+        return self._dirty
+
+    @property
+    def client_units_due(self) -> bool:
+        """A reply to a Sync or Query of the client's is still due (not only the proxy's
+        own statements): until it comes, `status` may not be the connection's state."""
+        return any(unit[1] for unit in self._units)
+
+    @property
     def open_batch_only(self) -> bool:
         """Nothing is due but the replies of an extended batch the client has not closed."""
         return self._dirty and not self._units
@@ -203,6 +219,18 @@ class ServerLink:
         self._quiet_ready.add(self._unit_seq)
         self._close_unit(True)
         return m.SYNC
+
+    def begin_in_batch(self) -> bytes:
+        """BEGIN run inside the client's open batch (Parse, Bind and Execute of the unnamed
+        statement and portal), which makes the batch's implicit transaction a transaction
+        block holding the statements before it; then a Sync, which now does not commit.
+        Every reply after those of the client's messages is dropped: if a statement of the
+        batch failed, the server skips the BEGIN, and the ReadyForQuery says `I`; else `T`.
+        The caller prepares the client's unnamed statement again before it is next bound."""
+        self._requests.append(_Request(_PARSE_DONE, b"", False, self._sent, mute_rest=True))
+        self._sent += 1
+        self._dirty = True
+        return _BEGIN_IN_BATCH + self.end_batch_quietly()
 
     def inject_unnamed_parse(self, parse_body: bytes) -> bytes:
         """The client's unnamed statement, prepared again on this connection (which did not
@@ -320,6 +348,9 @@ class ServerLink:
                         if req.kind != kind:
                             raise BackendProtocolError(f"unexpected reply {chr(kind)!r}")
                         forward = forward and req.forward
+                        if req.mute_rest:
+                            unit_forward = False
+                            units[0] = (units[0][0], False, False, units[0][3])
             elif end > n:
                 self._remaining = end - n
                 self._drop_current = not forward
