@@ -118,12 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         "to them at every proxy for a moment, flip the shard map (the config file is "
         "rewritten, comments kept; the proxies reload it), verify, delete them from the "
         "source. Every step is recorded in the catalog database: after a crash, run apply "
-        "again to resume. Tenant and category moves only in this version.")
+        "again to resume. Tenant, category, lookup-key and range-split moves; a hash rule's "
+        "keys cannot be moved one by one.")
     apply.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
     what = apply.add_mutually_exclusive_group(required=True)
     what.add_argument("--plan", metavar="FILE", help="a plan file (`rebalance plan --output`)")
     what.add_argument("--move", action="append", metavar="RULE:KEY[,KEY...]:TO",
-                      help="a move, e.g. by_tenant:42:s2 (repeatable)")
+                      help="a move, e.g. by_tenant:42:s2, by_user:7,9:s2 (lookup keys), "
+                      "by_id:500..:s2 or by_id:..500:s2 (a range's part from or below 500); "
+                      "repeatable")
     abort = actions.add_parser(
         "abort", help="undo a move that has not flipped the map",
         description="Undo the unfinished move recorded in the catalog, if it has not flipped "

@@ -8,7 +8,9 @@ the directory (before the row itself goes anywhere) with INSERT ... ON CONFLICT 
 that concurrent proxies agree on the first writer's choice.
 
 Every change is announced with NOTIFY on the channel `shardwire_directory` (payload: the rule
-name), and every proxy drops what it cached for that rule.
+name), and every proxy drops what it cached for that rule. `shardwire rebalance apply` changes
+the rows of the keys it moves at the flip of a lookup move (rebalancer/move.py) and announces
+it so too; the proxies also reload at the flip, which starts them on empty caches.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ log = logging.getLogger("shardwire.directory")
 CHANNEL = "shardwire_directory"
 CACHE_SIZE = 100_000  # keys cached per rule
 
-_SQL_TYPES = {
+SQL_TYPES = {
     KeyType.INTEGER: "bigint", KeyType.NUMERIC: "numeric", KeyType.TEXT: "text",
     KeyType.DATE: "date", KeyType.TIMESTAMP: "timestamp", KeyType.TIMESTAMPTZ: "timestamptz",
     KeyType.UUID: "uuid",
@@ -111,7 +113,7 @@ class Directory:
         if rule.name in self._ready:
             return
         await conn.execute(
-            f"CREATE TABLE IF NOT EXISTS {rule.directory} (key {_SQL_TYPES[rule.key_type]} "
+            f"CREATE TABLE IF NOT EXISTS {rule.directory} (key {SQL_TYPES[rule.key_type]} "
             "PRIMARY KEY, shard text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())")
         self._ready.add(rule.name)
 
@@ -126,7 +128,7 @@ class Directory:
                 await self._ensure_table(conn, rule)
                 rows = await conn.fetch(
                     f"SELECT key, shard FROM {rule.directory} WHERE key = ANY($1::"
-                    f"{_SQL_TYPES[rule.key_type]}[])", keys)
+                    f"{SQL_TYPES[rule.key_type]}[])", keys)
                 found = {r["key"]: r["shard"] for r in rows}
                 missing = [k for k in keys if k not in found]
                 if missing and assign:

@@ -19,8 +19,12 @@ catches up on notifications missed while the catalog was out of reach:
 
 Which statements are held: writes (anything but SELECT/SHOW/SET/transaction control) that
 reach the move's source or target shard, under the fenced rule, whose key is one of the
-fenced keys, or whose key the router could not name (a write of several keys, a write
-without a key condition across shards): those are held too, to be safe.
+fenced keys (for a range move: within the moving part), or whose key the router could not
+name (a write of several keys, a write without a key condition across shards, a COPY ...
+FROM sent to one shard by a hint): those are held too, to be safe.
+
+For a lookup move the map file does not change: the flip changes the keys' directory rows,
+and the reload empties the directory cache, so the acknowledgement reads them again.
 """
 
 from __future__ import annotations
@@ -37,7 +41,9 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from ..rebalancer.catalog import CHANNEL, HEARTBEAT_SECONDS, ensure_schema
+from ..router.analyze import Kind
 from ..router.plan import EachStatement, MultiShard, Plan, SingleShard
+from ..router.shardmap import KeyType, RuleKind
 from ..router.values import to_key
 from .protocol.errors import PgError
 from .routing import read_bind
@@ -52,11 +58,32 @@ _Q, _B = ord("Q"), ord("B")
 
 @dataclass(slots=True)
 class Fence:
+    """Writes held: keys of `rule` (a set, or for a range move `lower <= key < upper`, None
+    an open end) reaching the move's source or target."""
+
     id: int
     rule: str
     keys: frozenset[Any]
     shards: frozenset[str]  # the move's source and target
     released: asyncio.Event = field(default_factory=asyncio.Event)
+    ranged: bool = False
+    lower: Any = None
+    upper: Any = None
+
+    def covers(self, key: Any) -> bool:
+        if not self.ranged:
+            return key in self.keys
+        try:
+            return (self.lower is None or key >= self.lower) and (
+                self.upper is None or key < self.upper)
+        except TypeError:  # a key of another type than the rule's: cannot tell, so hold
+            return True
+
+
+def _bound(keys: dict[str, str | None], end: str, key_type: KeyType) -> Any:
+    """One end of a range move's part (`from` or `to`); None is open."""
+    text = keys.get(end)
+    return None if text is None else to_key(text, key_type)
 
 
 class Fences:
@@ -205,7 +232,7 @@ class Fences:
         if problems:
             ok, detail = False, "; ".join(problems)
         else:
-            ok, detail = self._placed(row["rule"], json.loads(row["keys"]), expected)
+            ok, detail = await self._placed(row["rule"], json.loads(row["keys"]), expected)
         if not ok:
             # Read again at the next notification or heartbeat: `apply` may not have
             # written the file yet (it records the version first).
@@ -220,29 +247,64 @@ class Fences:
             "SET ok = EXCLUDED.ok, detail = EXCLUDED.detail, acked_at = now()",
             "unmap" if row["reverted"] else "map", row["version"], self.instance, ok, detail)
 
-    def _placed(self, rule_name: str, keys: list[str], shard: str) -> tuple[bool, str]:
+    async def _placed(self, rule_name: str, keys: list[str] | dict[str, str | None],
+                      shard: str) -> tuple[bool, str]:
+        """Whether this proxy now routes the moved keys to `shard`: by its map (tenant,
+        category, range), or by the lookup directory, read again (the reload emptied its
+        cache)."""
         rule = self.proxy.router.smap.rules.get(rule_name)
+        path = self.proxy.config.path
         if rule is None:
-            return False, f"the map in {self.proxy.config.path} has no rule {rule_name}"
-        for text in keys:
-            where = rule.shard_for(to_key(text, rule.key_type))
+            return False, f"the map in {path} has no rule {rule_name}"
+        if isinstance(keys, dict):  # a range move: {"from", "to", "split_at"}
+            lower, upper = (_bound(keys, end, rule.key_type) for end in ("from", "to"))
+            for r in rule.ranges:
+                if r.shard == shard and (r.lower is None or (
+                        lower is not None and r.lower <= lower)) and (r.upper is None or (
+                        upper is not None and upper <= r.upper)):
+                    return True, ""
+            return False, (f"the map in {path} has no range of {rule_name} on {shard} that "
+                           f"holds {keys.get('from') or ''}..{keys.get('to') or ''}")
+        values = [to_key(text, rule.key_type) for text in keys]
+        if rule.kind is RuleKind.LOOKUP:
+            directory = self.proxy.directory
+            try:
+                await directory.resolve(rule_name, values, assign=False)
+            except PgError as e:
+                return False, e.message
+            cache = directory.caches[rule_name]
+            for text, value in zip(keys, values, strict=True):
+                if cache.get(value) != shard:
+                    return False, (f"the directory {rule.directory} puts {rule_name} key "
+                                   f"{text} on {cache.get(value)}, not {shard}")
+            return True, ""
+        for text, value in zip(keys, values, strict=True):
+            where = rule.shard_for(value)
             if where != shard:
-                return False, (f"the map in {self.proxy.config.path} puts {rule_name} key "
-                               f"{text} on {where}, not {shard}")
+                return False, (f"the map in {path} puts {rule_name} key {text} on {where}, "
+                               f"not {shard}")
         return True, ""
 
-    def _install(self, ident: int, rule_name: str, keys: list[str], shards: set[str]
-                 ) -> tuple[bool, str]:
+    def _install(self, ident: int, rule_name: str, keys: list[str] | dict[str, str | None],
+                 shards: set[str]) -> tuple[bool, str]:
         rule = self.proxy.router.smap.rules.get(rule_name)
         if rule is None:
             return False, f"no rule {rule_name} in this proxy's map"
         try:
-            values = frozenset(to_key(k, rule.key_type) for k in keys)
+            if isinstance(keys, dict):  # a range move: {"from", "to", "split_at"}
+                lower, upper = (_bound(keys, end, rule.key_type) for end in ("from", "to"))
+                fence = Fence(ident, rule_name, frozenset(), frozenset(shards), ranged=True,
+                              lower=lower, upper=upper)
+                shown = f"{keys.get('from') or ''}..{keys.get('to') or ''}"
+            else:
+                fence = Fence(ident, rule_name, frozenset(to_key(k, rule.key_type)
+                                                          for k in keys), frozenset(shards))
+                shown = ", ".join(keys)
         except ValueError as e:
             return False, str(e)
-        self.fences[ident] = Fence(ident, rule_name, values, frozenset(shards))
+        self.fences[ident] = fence
         self.active = True
-        log.info("fence %d: holding writes to %s keys %s", ident, rule_name, ", ".join(keys))
+        log.info("fence %d: holding writes to %s keys %s", ident, rule_name, shown)
         return True, ""
 
     def _release(self, ident: int) -> None:
@@ -268,7 +330,7 @@ class Fences:
             if not any(s in fence.shards for s in shards):
                 continue
             key = client.heat_key
-            if key is not None and (key[0] != fence.rule or key[1] not in fence.keys):
+            if key is not None and (key[0] != fence.rule or not fence.covers(key[1])):
                 continue
             if not client._writes([msg]):
                 continue
@@ -292,7 +354,10 @@ class Fences:
             analyses = known[0]
         else:
             return True
-        return any(a.rule is not None and a.rule.name == rule for a in analyses)
+        # COPY ... FROM names no rule (it is refused unless a shard hint or SET
+        # shardwire.shard sends it to one shard) and its rows' keys are not read: held.
+        return any((a.rule is not None and a.rule.name == rule) or (
+            a.words[:1] == ("copy",) and a.kind is Kind.WRITE) for a in analyses)
 
     async def _wait(self, client: ClientConnection, fence: Fence, ends_unit: bool) -> None:
         started = time.monotonic()

@@ -1,4 +1,5 @@
-"""Rewriting the shard map in the operator's config file after a move.
+"""Rewriting the shard map in the operator's config file after a move (a tenant's or a
+category value's entry, or a range split; lookup moves change the directory, not the file).
 
 The file is edited with ruamel.yaml's round-trip mode, not re-emitted from the loaded config:
 comments, key order, quoting, flow style (`tenants: {1: s1, 2: s2}`) and `${ENV}` references
@@ -32,7 +33,8 @@ def _section(kind: RuleKind) -> str:
         return "tenants"
     if kind is RuleKind.CATEGORY:
         return "values"
-    raise MapFileError(f"moves of {kind.value} rules are not written to the map file yet")
+    raise MapFileError(f"{kind.value} rules are not written to the map file key by key (a "
+                       "range move splits a range, a lookup move changes the directory)")
 
 
 def place_keys(text: str, rule: str, kind: RuleKind, key_type: KeyType,
@@ -50,16 +52,7 @@ def place_keys(text: str, rule: str, kind: RuleKind, key_type: KeyType,
           tenants: {1: s1, 2: s2}  # keep
           default: s1
     """
-    indent, offset = _indentation(text)
-    yaml = YAML()
-    yaml.preserve_quotes = True
-    yaml.width = 4096  # never re-wrap the operator's long lines
-    yaml.indent(mapping=indent, sequence=indent + offset, offset=offset)
-    data = yaml.load(text)
-    try:
-        node = data["sharding"]["rules"][rule]
-    except (KeyError, TypeError):
-        raise MapFileError(f"no sharding.rules.{rule} in the config file") from None
+    yaml, data, node = _load_rule(text, rule)
     section = _section(kind)
     entries = node.get(section)
     if entries is None:
@@ -71,6 +64,99 @@ def place_keys(text: str, rule: str, kind: RuleKind, key_type: KeyType,
             entries[found[0]] = shard
         else:
             entries[_plain_or_quoted(key_to_yaml(key))] = shard
+    out = io.StringIO()
+    yaml.dump(data, out)
+    return out.getvalue()
+
+
+def _load_rule(text: str, rule: str) -> tuple[YAML, Any, Any]:
+    """A round-trip loader set up as the file is indented, the document, and the rule."""
+    indent, offset = _indentation(text)
+    yaml = YAML()
+    yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap the operator's long lines
+    yaml.indent(mapping=indent, sequence=indent + offset, offset=offset)
+    data = yaml.load(text)
+    try:
+        node = data["sharding"]["rules"][rule]
+    except (KeyError, TypeError):
+        raise MapFileError(f"no sharding.rules.{rule} in the config file") from None
+    return yaml, data, node
+
+
+def split_range(text: str, rule: str, key_type: KeyType, lower: KeyValue | None,
+                upper: KeyValue | None, split_at: KeyValue | None, shard: str) -> str:
+    """The config file `text` with the part `lower <= key < upper` of a range of `rule` on
+    `shard`: the range that holds it ends (or starts) at `split_at` and a new range next to
+    it holds the part, written in the style of its neighbour; with no `split_at` (or a part
+    that is the whole range) only the range's shard changes. The same text when a range
+    `lower..upper` on `shard` is there already.
+
+    >>> text = "sharding:\\n  rules:\\n    r:\\n      kind: range\\n      ranges:\\n" \\
+    ...        "        - {to: 100, shard: s1}  # old\\n        - {from: 100, shard: s2}\\n"
+    >>> print(split_range(text, "r", KeyType.INTEGER, 150, None, 150, "s3"), end="")
+    sharding:
+      rules:
+        r:
+          kind: range
+          ranges:
+            - {to: 100, shard: s1}  # old
+            - {from: 100, to: 150, shard: s2}
+            - {from: 150, shard: s3}
+    """
+    yaml, data, node = _load_rule(text, rule)
+    entries = node.get("ranges")
+    if not isinstance(entries, list):
+        raise MapFileError(f"sharding.rules.{rule}.ranges is not a list in the config file")
+
+    def read(raw: Any) -> KeyValue | None:
+        if raw is None:
+            return None
+        return to_key(raw if isinstance(raw, (str, int)) else str(raw), key_type)
+    try:
+        bounds = [(read(e.get("from")), read(e.get("to")), e.get("shard")) for e in entries]
+    except (ValueError, AttributeError) as e:
+        raise MapFileError(f"sharding.rules.{rule}.ranges: {e}") from None
+    if (lower, upper, shard) in bounds:
+        return text
+    index = None
+    for i, (lo, hi, _) in enumerate(bounds):
+        starts_in = lo is None if lower is None else (lo is None or lo <= lower)
+        ends_in = hi is None if upper is None else (hi is None or upper <= hi)
+        if starts_in and ends_in:
+            index = i
+            break
+    if index is None:
+        raise MapFileError(f"no range of sharding.rules.{rule} holds the part that moves")
+    entry = entries[index]
+    lo, hi, _ = bounds[index]
+    if split_at is None or (lo == lower and hi == upper):
+        entry["shard"] = shard
+    else:
+        split = _plain_or_quoted(key_to_yaml(split_at))
+        part = CommentedMap()
+        if entry.fa.flow_style():
+            part.fa.set_flow_style()
+        if lo == lower:  # the lower part moves: the range now starts at the split
+            if lower is not None:
+                part["from"] = entry["from"]
+            part["to"] = split
+            part["shard"] = shard
+            if "from" in entry:
+                entry["from"] = split
+            else:
+                entry.insert(0, "from", split)
+            entries.insert(index, part)
+        else:  # the upper part moves: the range now ends at the split
+            part["from"] = split
+            if upper is not None:
+                part["to"] = entry["to"]
+            part["shard"] = shard
+            if "to" in entry:
+                entry["to"] = split
+            else:
+                entry.insert(1 if "from" in entry else 0, "to", split)
+            entries.insert(index + 1, part)
     out = io.StringIO()
     yaml.dump(data, out)
     return out.getvalue()

@@ -1,9 +1,11 @@
 """Moving keys online: the steps of `shardwire rebalance apply`, and `abort` (I/O).
 
-One move takes the rows of some keys of a tenant or category rule (every table of the rule)
-from the source shard to the target shard with PostgreSQL's logical replication, then flips
-the shard map (docs/rebalancing.md, "apply"). The steps, as recorded in
-`shardwire_moves.step` (catalog.py):
+One move takes the rows of some keys of a tenant, category or lookup rule, or of part of a
+range of a range rule (every table of the rule), from the source shard to the target shard
+with PostgreSQL's logical replication, then flips the shard map: the config file's entries
+(tenant, category), a split range (range), or the keys' directory rows in the catalog
+(lookup) (docs/rebalancing.md, "apply"). Hash rules are refused (plan.HASH_REFUSAL says why).
+The steps, as recorded in `shardwire_moves.step` (catalog.py):
 
     started        the move is recorded; checks passed
     schema         the rule's tables exist on the target (created from the source's schema)
@@ -14,7 +16,8 @@ the shard map (docs/rebalancing.md, "apply"). The steps, as recorded in
                    that were open then have ended
     final_catchup  the target has replayed the source up to its WAL position after that;
                    the subscription is stopped
-    flipped        a new map version is in the catalog (the commit point of a move)
+    flipped        a new map version is in the catalog, and a lookup move's directory rows
+                   name the target, in one transaction (the commit point of a move)
     released       the YAML says target, every proxy has loaded it, the fence is released
     verified       row counts and checksums of the moved rows agree on both sides
     done           subscription, slot and publication dropped, rows deleted from the source
@@ -43,11 +46,14 @@ from typing import IO, Any
 import asyncpg
 
 from ..config.model import Config, ServerAddress
+from ..proxy.directory import CHANNEL as DIRECTORY_CHANNEL
+from ..proxy.directory import SQL_TYPES
 from ..proxy.protocol.relay import quote_ident, quote_literal
 from ..router.shardmap import KeyValue, Rule, RuleKind, TableName, canonical_text
 from ..router.values import to_key
 from .catalog import CHANNEL, acks, ensure_schema, live_proxies
-from .mapfile import MapFileError, place_keys, write_atomically
+from .mapfile import MapFileError, place_keys, split_range, write_atomically
+from .plan import HASH_REFUSAL
 
 log = logging.getLogger("shardwire.rebalance")
 
@@ -106,7 +112,9 @@ def _conninfo(addr: ServerAddress) -> str:
 
 @dataclass(slots=True)
 class MoveState:
-    """A move as recorded in `shardwire_moves`."""
+    """A move as recorded in `shardwire_moves`: `keys` (tenant, category, lookup), or for a
+    range rule the part that moves, `lower <= key < upper` (None: open), and `split_at`, the
+    boundary the map gains (None when a whole range moves)."""
 
     id: int
     rule: Rule
@@ -115,20 +123,53 @@ class MoveState:
     target: str
     step: str
     created_tables: list[str] = field(default_factory=list)
+    lower: KeyValue | None = None
+    upper: KeyValue | None = None
+    split_at: KeyValue | None = None
 
     @property
     def name(self) -> str:
         """The publication, slot and subscription of this move."""
         return f"shardwire_move_{self.id}"
 
+    @property
+    def ranged(self) -> bool:
+        return self.rule.kind is RuleKind.RANGE
+
+    def what(self) -> str:
+        """The moving keys, as an operator reads them."""
+        if self.ranged:
+            low = canonical_text(self.lower) if self.lower is not None else ""
+            high = canonical_text(self.upper) if self.upper is not None else ""
+            return f"[{low}, {high})"
+        return ", ".join(canonical_text(k) for k in self.keys)
+
     def describe(self) -> str:
-        keys = ", ".join(canonical_text(k) for k in self.keys)
-        return (f"move {self.id}: {self.rule.name} {self.rule.kind.value} {keys} from "
+        return (f"move {self.id}: {self.rule.name} {self.rule.kind.value} {self.what()} from "
                 f"{self.source} to {self.target}")
 
     def condition(self, column: str) -> str:
+        if self.ranged:
+            col = quote_ident(column)
+            parts = []
+            if self.lower is not None:
+                parts.append(f"{col} >= {quote_literal(canonical_text(self.lower))}")
+            if self.upper is not None:
+                parts.append(f"{col} < {quote_literal(canonical_text(self.upper))}")
+            # Both ends open cannot happen (a split leaves one end); NULL keys never move.
+            return " AND ".join(parts) or f"{col} IS NOT NULL"
         values = ", ".join(quote_literal(canonical_text(k)) for k in self.keys)
         return f"{quote_ident(column)} IN ({values})"
+
+    def keys_json(self) -> str:
+        """`keys` of `shardwire_moves` and `shardwire_fences`: a list of keys, or for a range
+        move {"from", "to", "split_at"} (canonical text, null for an open end)."""
+        if self.ranged:
+            def text(v: KeyValue | None) -> str | None:
+                return None if v is None else canonical_text(v)
+            return json.dumps({"from": text(self.lower), "to": text(self.upper),
+                               "split_at": text(self.split_at)})
+        return json.dumps([canonical_text(k) for k in self.keys])
 
 
 def state_from_row(row: Any, config: Config) -> MoveState:
@@ -136,7 +177,15 @@ def state_from_row(row: Any, config: Config) -> MoveState:
     if rule is None:
         raise MoveError(f"move {row['id']}: the map has no rule {row['rule']} any more; put it "
                         "back, or finish the move by hand")
-    keys = tuple(to_key(k, rule.key_type) for k in json.loads(row["keys"]))
+    raw = json.loads(row["keys"])
+
+    def key(v: str | None) -> KeyValue | None:
+        return None if v is None else to_key(v, rule.key_type)
+    if isinstance(raw, dict):
+        return MoveState(row["id"], rule, (), row["source"], row["target"], row["step"],
+                         json.loads(row["created_tables"]), lower=key(raw.get("from")),
+                         upper=key(raw.get("to")), split_at=key(raw.get("split_at")))
+    keys = tuple(to_key(k, rule.key_type) for k in raw)
     return MoveState(row["id"], rule, keys, row["source"], row["target"], row["step"],
                      json.loads(row["created_tables"]))
 
@@ -206,14 +255,29 @@ class Mover:
         await self._notify(f"{state} {move.id}")  # proxies serve the rule in full again
 
     async def new_move(self, rule: Rule, keys: Sequence[KeyValue], source: str, target: str,
-                       plan_move: int | None) -> MoveState:
+                       plan_move: int | None, *, lower: KeyValue | None = None,
+                       upper: KeyValue | None = None, split_at: KeyValue | None = None
+                       ) -> MoveState:
+        draft = MoveState(0, rule, tuple(keys), source, target, "started", lower=lower,
+                          upper=upper, split_at=split_at)
         row = await self.catalog.fetchrow(
             "INSERT INTO shardwire_moves (plan_move, rule, kind, keys, source, target, config, "
             "step) VALUES ($1, $2, $3, $4, $5, $6, $7, 'started') RETURNING *",
-            plan_move, rule.name, rule.kind.value,
-            json.dumps([canonical_text(k) for k in keys]), source, target,
+            plan_move, rule.name, rule.kind.value, draft.keys_json(), source, target,
             self.config.path or "")
         return state_from_row(row, self.config)
+
+    async def directory_shards(self, rule: Rule, keys: Sequence[KeyValue]
+                               ) -> dict[KeyValue, str]:
+        """Where the lookup directory (in the catalog) puts these keys; keys it does not
+        hold are left out."""
+        try:
+            rows = await self.catalog.fetch(
+                f"SELECT key, shard FROM {rule.directory} WHERE key = ANY($1::"
+                f"{SQL_TYPES[rule.key_type]}[])", list(keys))
+        except asyncpg.UndefinedTableError:
+            return {}
+        return {r["key"]: r["shard"] for r in rows}
 
     # -- running a move --------------------------------------------------------------------
 
@@ -265,9 +329,17 @@ class Mover:
     async def check(self, move: MoveState, src: Any, dst: Any) -> None:
         """Refuse what would fail later, saying how to fix it."""
         rule = move.rule
-        if rule.kind not in (RuleKind.TENANT, RuleKind.CATEGORY):
-            raise MoveError(f"{move.describe()}: moves of {rule.kind.value} rules are not "
-                            "built yet (tenant and category moves are)")
+        if rule.kind is RuleKind.HASH:
+            raise MoveError(HASH_REFUSAL.format(rule=rule.name))
+        if rule.kind is RuleKind.LOOKUP and move.step == "started":
+            found = await self.directory_shards(rule, move.keys)
+            wrong = [f"{canonical_text(k)} ({found.get(k) or 'not in the directory'})"
+                     for k in move.keys if found.get(k) != move.source]
+            if wrong:
+                raise MoveError(f"{move.describe()}: the directory {rule.directory} does not "
+                                f"put these keys on {move.source}: {', '.join(wrong)}. Fix: "
+                                "move only keys the directory places on the source (rebalance "
+                                "plan again)")
         level = await src.fetchval("SHOW wal_level")
         if level != "logical":
             raise MoveError(f"shard {move.source}: wal_level is {level}; a move streams changes "
@@ -530,7 +602,7 @@ class Mover:
         fence = await self.catalog.fetchval(
             "INSERT INTO shardwire_fences (move_id, rule, keys, source, target) "
             "VALUES ($1, $2, $3, $4, $5) RETURNING id", move.id, move.rule.name,
-            json.dumps([canonical_text(k) for k in move.keys]), move.source, move.target)
+            move.keys_json(), move.source, move.target)
         await self._notify(f"fence:{fence}")
         snapshots: tuple[Any, Any] | None = None
         try:
@@ -656,8 +728,7 @@ class Mover:
         path = self._config_path()
         before = Path(path).read_text()
         try:
-            return before, place_keys(before, move.rule.name, move.rule.kind,
-                                      move.rule.key_type, move.keys, move.target)
+            return before, _placed_text(before, move)
         except MapFileError as e:
             raise MoveError(f"{path}: {e}") from None
 
@@ -673,6 +744,7 @@ class Mover:
                 "UPDATE shardwire_moves SET step = 'flipped', updated_at = now(), "
                 "steps = steps || jsonb_build_object('flipped', now()::text) WHERE id = $1",
                 move.id)
+            await self._set_directory(move, move.target)  # lookup keys: in the same commit
         move.step = "flipped"
         fault("flipped")
         if after != before:
@@ -682,17 +754,29 @@ class Mover:
     def _write_map(self, move: MoveState) -> None:
         path = self._config_path()
         text = Path(path).read_text()
-        new = place_keys(text, move.rule.name, move.rule.kind, move.rule.key_type, move.keys,
-                         move.target)
+        new = _placed_text(text, move)
         if new != text:
             write_atomically(path, new)
+
+    async def _set_directory(self, move: MoveState, shard: str) -> None:
+        """A lookup move: the keys' directory rows name `shard`, and the proxies drop what
+        they cached of the rule (directory.py listens; a map version reloads them anyway)."""
+        rule = move.rule
+        if rule.kind is not RuleKind.LOOKUP:
+            return
+        await self.catalog.execute(
+            f"UPDATE {rule.directory} SET shard = $1 WHERE key = ANY($2::"
+            f"{SQL_TYPES[rule.key_type]}[]) AND shard <> $1", shard, list(move.keys))
+        await self.catalog.execute("SELECT pg_notify($1, $2)", DIRECTORY_CHANNEL, rule.name)
 
     async def finish_flip(self, move: MoveState) -> None:
         """After a crash at `flipped`: the map file, the proxies, the fence."""
         version = await self.catalog.fetchval(
             "SELECT max(version) FROM shardwire_map_versions WHERE move_id = $1", move.id)
-        await self.catalog.execute("UPDATE shardwire_map_versions SET reverted = false "
-                                   "WHERE version = $1", version)
+        async with self.catalog.transaction():
+            await self.catalog.execute("UPDATE shardwire_map_versions SET reverted = false "
+                                       "WHERE version = $1", version)
+            await self._set_directory(move, move.target)
         self._write_map(move)
         await self._notify(f"map:{version}")
         await self._wait_acks("map", int(version))
@@ -705,8 +789,10 @@ class Mover:
         before = await self.catalog.fetchval(
             "SELECT yaml_before FROM shardwire_map_versions WHERE version = $1", version)
         write_atomically(self._config_path(), before)
-        await self.catalog.execute("UPDATE shardwire_map_versions SET reverted = true "
-                                   "WHERE version = $1", version)
+        async with self.catalog.transaction():
+            await self.catalog.execute("UPDATE shardwire_map_versions SET reverted = true "
+                                       "WHERE version = $1", version)
+            await self._set_directory(move, move.source)
         await self._notify(f"map:{version}")
         try:
             await self._wait_acks("unmap", version)
@@ -819,6 +905,19 @@ class Mover:
         finally:
             src.terminate()
             dst.terminate()
+
+
+def _placed_text(text: str, move: MoveState) -> str:
+    """The config file `text` with the move's keys on its target. A lookup move changes
+    nothing there (the directory rows move); a range move splits the range (or moves it
+    whole). The same text when it is so already (a resumed move)."""
+    rule = move.rule
+    if rule.kind is RuleKind.LOOKUP:
+        return text
+    if rule.kind is RuleKind.RANGE:
+        return split_range(text, rule.name, rule.key_type, move.lower, move.upper,
+                           move.split_at, move.target)
+    return place_keys(text, rule.name, rule.kind, rule.key_type, move.keys, move.target)
 
 
 async def _delete_rows(conn: Any, move: MoveState, tables: list[tuple[TableName, str]]) -> int:

@@ -424,6 +424,14 @@ def _round(x: float) -> float:
     return float(f"{x:.6g}")
 
 
+HASH_REFUSAL = (
+    "rule {rule} is a hash rule: its keys go to shards by hash modulo the number of shards, "
+    "so no key can be placed on a shard of its own, and a change of the rule's shards moves "
+    "most keys of every shard at once (docs/rebalancing.md, hash rules). Shardwire does not "
+    "move hash keys. Instead: make it a lookup rule (its directory can then move keys one "
+    "by one), or move the whole rule's data to new shards by hand")
+
+
 @dataclass(frozen=True, slots=True)
 class PlannedMove:
     """A move as `apply` will take it from a plan file, checked against the shard map."""
@@ -455,7 +463,7 @@ def plan_from_dict(data: Mapping[str, Any], smap: ShardMap) -> list[PlannedMove]
         if item.get("kind") != rule.kind.value:
             raise PlanError(f"{where}.kind: rule {rule.name} is a {rule.kind.value} rule")
         if rule.kind is RuleKind.HASH:
-            raise PlanError(f"{where}: keys of hash rule {rule.name} cannot move one by one")
+            raise PlanError(f"{where}: " + HASH_REFUSAL.format(rule=rule.name))
         source, target = str(item.get("from")), str(item.get("to"))
         for name, shard in (("from", source), ("to", target)):
             if shard not in smap.shards:
@@ -479,6 +487,19 @@ def plan_from_dict(data: Mapping[str, Any], smap: ShardMap) -> list[PlannedMove]
             if upper != r.upper and lower != r.lower:
                 raise PlanError(f"{where}.range: the part that moves must reach one end of "
                                 "its range")
+            if upper is not None and (r.upper is None or upper > r.upper) or (
+                    upper is None and r.upper is not None):
+                raise PlanError(f"{where}.range: not within a range of {rule.name} on {source}")
+            whole = lower == r.lower and upper == r.upper
+            if split is None and not whole:
+                raise PlanError(f"{where}.split_at: a part of a range moves with a split "
+                                f"point (its from, or its to)")
+            if split is not None and not whole and split != (
+                    lower if upper == r.upper else upper):
+                raise PlanError(f"{where}.split_at: the range splits where the moving part "
+                                "starts (its from) or ends (its to)")
+            if whole:
+                split = None
             out.append(PlannedMove(move_id, rule, source, target, lower=lower, upper=upper,
                                    split_at=split))
             continue
