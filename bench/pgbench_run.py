@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,6 +128,19 @@ def run_select_only(
         p99_ms=percentile_ms(latencies, 0.99),
         returncode=result.returncode,
     )
+
+
+def warm_up(
+    targets: Iterable[Target], *, seconds: int, log_dir: Path, user: str, database: str
+) -> None:
+    """A short ``pgbench -S -c 8`` through each target before the measured runs: pools
+    filled, caches warm, the servers' pages in memory."""
+    for target in targets:
+        print(f"warm-up {target.name}", file=sys.stderr, flush=True)
+        run_select_only(
+            target, protocol="simple", clients=8, seconds=seconds, log_dir=log_dir,
+            user=user, database=database, tag=f"warmup-{target.name}",
+        )  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,19 +3,32 @@
 Every figure in a row is a median over the rounds. A ratio or an added latency is computed
 within each round first (the three targets of one round run back to back) and the median is
 taken of those, so a slow round does not pair with a fast one.
+
+The helpers under "shared by the benchmark scripts" (figures as text, tables, the order of
+the runs in a round, the machine's description) serve every script in bench/.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import statistics
-from collections.abc import Callable, Mapping, Sequence
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import psycopg
 from idle_clients import IdleCost
 from pgbench_run import PgbenchResult
+
+import shardwire
+from shardwire.testing import PostgresCluster
+from shardwire.testing.proxy import ProxyProcess
 
 DIRECT, PGBOUNCER, SHARDWIRE = "direct", "pgbouncer", "shardwire"
 TARGETS = (DIRECT, PGBOUNCER, SHARDWIRE)
@@ -57,8 +70,7 @@ class Row:
     rounds: tuple[Mapping[str, PgbenchResult], ...]  # one {target: result} per round
 
     def median(self, pick: Callable[[Mapping[str, PgbenchResult]], float | None]) -> float | None:
-        values = [v for v in (pick(r) for r in self.rounds) if v is not None]
-        return statistics.median(values) if values else None
+        return median_of(pick(r) for r in self.rounds)
 
     def tps(self, target: str) -> float | None:
         return self.median(lambda r: r[target].tps)
@@ -150,23 +162,223 @@ class Row:
         return f"{BENCHMARK}/{self.workload.protocol}/c{self.workload.clients}"
 
 
-# --- formatting helpers -------------------------------------------------------------------
+# --- shared by the benchmark scripts --------------------------------------------------------
+
+T = TypeVar("T")
 
 
-def _num(value: float | None, digits: int = 0) -> str:
+def num(value: float | None, digits: int = 0) -> str:
+    """A figure with thousands separators; a dash when there is none.
+
+    >>> num(12345.678), num(0.5, 2), num(None)
+    ('12,346', '0.50', '—')
+    """
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def _ms(value: float | None) -> str:
+def ms(value: float | None) -> str:
+    """Milliseconds to the microsecond."""
     return "—" if value is None else f"{value:.3f}"
 
 
-def _percent(share: float | None) -> str:
+def percent(share: float | None) -> str:
+    """A share (0.25) as a whole percentage (25%)."""
     return "—" if share is None else f"{share * 100:.0f}%"
 
 
+def round3(value: float | None) -> float | None:
+    """For the JSON outputs: three decimals are more than any of these figures can carry."""
+    return None if value is None else round(value, 3)
+
+
+def median_of(values: Iterable[float | None]) -> float | None:
+    """The median of the values that were measured (None: not measured)."""
+    known = [v for v in values if v is not None]
+    return statistics.median(known) if known else None
+
+
+def max_of(values: Iterable[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def rotate(items: Sequence[T], shift: int) -> list[T]:
+    """``items`` starting at ``shift``: each round and workload starts with another setup,
+    so none of them always runs first after a pause or last on a warm machine.
+
+    >>> rotate("abc", 1), rotate("abc", 5)
+    (['b', 'c', 'a'], ['c', 'a', 'b'])
+    """
+    shift %= len(items)
+    return list(items[shift:]) + list(items[:shift])
+
+
+class Progress:
+    """One line on stderr per finished run: how many of how many, and the seconds so far."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.started = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        self.done += 1
+        elapsed = time.monotonic() - self.started
+        print(f"[{self.done}/{self.total} {elapsed:.0f}s] {text}", file=sys.stderr, flush=True)
+
+
+def table_text(
+    headers: Sequence[str], lines: Sequence[Sequence[str]], *, right: Collection[int] = ()
+) -> str:
+    """A table for the terminal; the columns in ``right`` are right-aligned.
+
+    >>> print(table_text(("a", "bb"), [("x", "1"), ("yy", "22")], right=(1,)))
+    a   bb
+    --  --
+    x    1
+    yy  22
+    """
+    table = [list(headers), *(list(line) for line in lines)]
+    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
+    out = []
+    for n, line in enumerate(table):
+        out.append(
+            "  ".join(
+                c.rjust(w) if i in right and n else c.ljust(w)
+                for i, (c, w) in enumerate(zip(line, widths, strict=True))
+            ).rstrip()
+        )
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def table_markdown(
+    headers: Sequence[str], lines: Sequence[Sequence[str]], *, text: Collection[int]
+) -> str:
+    """A Markdown table whose columns are right-aligned (numbers) except those in ``text``.
+
+    >>> print(table_markdown(("a", "n"), [("x", "1")], text=(0,)))
+    | a | n |
+    | --- | ---: |
+    | x | 1 |
+    """
+    out = [
+        "| " + " | ".join(headers) + " |",
+        "| " + " | ".join("---" if i in text else "---:" for i in range(len(headers))) + " |",
+    ]
+    out += ["| " + " | ".join(line) + " |" for line in lines]
+    return "\n".join(out)
+
+
+def machine() -> tuple[str, str, str]:
+    """The CPU model, the memory ("23.5 GiB RAM") and the kernel ("Linux 6.1.0")."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+         if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )  # fmt: skip
+    meminfo = Path("/proc/meminfo").read_text().split()
+    memory_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024
+    return cpu, f"{memory_gib:.1f} GiB RAM", f"Linux {platform.release()}"
+
+
+def machine_line() -> str:
+    """Cores, CPU model, memory and kernel, as the docs sections print them."""
+    return f"{len(os.sched_getaffinity(0))} cores, " + ", ".join(machine())
+
+
+def shardwire_source() -> str:
+    """Which Shardwire ran (the proxies import the one this process imports): the
+    repository's revision, or the directory it came from when PYTHONPATH points elsewhere."""
+    package = Path(shardwire.__file__).resolve().parent
+    repo = Path(__file__).resolve().parent.parent
+    if not package.is_relative_to(repo):
+        return f"imported from {package.parent}"
+    try:
+        revision = subprocess.run(
+            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
+            capture_output=True, text=True, timeout=10,
+        ).stdout.strip()  # fmt: skip
+    except OSError:
+        revision = ""
+    return f"git {revision}" if revision else f"from {package.parent}"
+
+
+def postmaster_pid(cluster: PostgresCluster) -> int | None:
+    """The server's postmaster, from its postmaster.pid; None when it is not running."""
+    try:
+        return int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def stop_all(stops: Iterable[Callable[[], None] | None]) -> None:
+    """Each in turn, whatever the one before did: nothing may outlive the benchmark. A second
+    Ctrl-C during a stop does not skip it."""
+    for stop in stops:
+        if stop is None:
+            continue
+        try:
+            try:
+                stop()
+            except KeyboardInterrupt:
+                stop()
+        except Exception as exc:  # report it and go on stopping the rest
+            print(f"while stopping: {exc}", file=sys.stderr, flush=True)
+
+
+def connect(host: str, port: int, *, user: str, database: str) -> psycopg.Connection[Any]:
+    return psycopg.connect(
+        host=host, port=port, user=user, dbname=database, autocommit=True, connect_timeout=10
+    )
+
+
+def show_route(host: str, port: int, sql: str, *, user: str, database: str) -> dict[str, str]:
+    """What Shardwire's ``SHOW ROUTE FOR sql`` answers, column by column."""
+    with connect(host, port, user=user, database=database) as conn:
+        cursor = conn.execute(f"SHOW ROUTE FOR {sql}".encode())
+        row = cursor.fetchone()
+        names = [d.name for d in cursor.description or ()]
+    if row is None:
+        return {}
+    return {n: "" if v is None else str(v) for n, v in zip(names, row, strict=True)}
+
+
+def route_shards(route: Mapping[str, str]) -> list[str]:
+    """The shard names of a SHOW ROUTE answer, sorted.
+
+    >>> route_shards({"shards": "{s2,s1}"})
+    ['s1', 's2']
+    """
+    text = route.get("shards", "")
+    return sorted(text.replace("{", " ").replace("}", " ").replace(",", " ").split())
+
+
+def proxy_log_note(name: str, proxy: ProxyProcess) -> str | None:
+    """A note for the docs when the Shardwire called ``name`` logged anything at level warning
+    or above (the benchmarks run it at warning: a quiet log is the normal case).
+
+    >>> class Log:
+    ...     def log_tail(self, lines): return "a INFO x\\nb WARNING slow\\nc ERROR boom"
+    >>> proxy_log_note("the one-shard Shardwire", Log())  # type: ignore[arg-type]
+    'the one-shard Shardwire logged 2 warnings or errors; the first: b WARNING slow'
+    """
+    problems = [
+        line for line in proxy.log_tail(100_000).splitlines()
+        if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
+    ]  # fmt: skip
+    if not problems:
+        return None
+    return f"{name} logged {len(problems)} warnings or errors; the first: {problems[0]}"
+
+
+# --- pgbench -S: direct, PgBouncer and Shardwire ------------------------------------------
+
+
 def _trio(row: Row, pick: Callable[[str], float | None]) -> str:
-    return " / ".join(_ms(pick(t)) for t in TARGETS)
+    return " / ".join(ms(pick(t)) for t in TARGETS)
 
 
 def _failures(row: Row, target: str) -> str:
@@ -182,7 +394,7 @@ def _met(row: Row) -> str:
     verdict = {True: "met", False: "MISSED", None: "n/a"}[row.met]
     if goal.kind == "ratio" and not row.comparable:
         verdict += ", but not comparable: PgBouncer aborted clients"
-    return f"{goal.text}: {_num(row.goal_value, 2)} {verdict}"
+    return f"{goal.text}: {num(row.goal_value, 2)} {verdict}"
 
 
 HEADERS = (
@@ -196,54 +408,31 @@ def cells(row: Row) -> list[str]:
     return [
         row.workload.protocol,
         str(row.workload.clients),
-        _num(row.tps(DIRECT)),
-        _num(row.tps(PGBOUNCER)),
-        _num(row.tps(SHARDWIRE)),
-        _num(row.ratio_to_pgbouncer, 2),
-        _num(row.to_direct(SHARDWIRE), 2),
+        num(row.tps(DIRECT)),
+        num(row.tps(PGBOUNCER)),
+        num(row.tps(SHARDWIRE)),
+        num(row.ratio_to_pgbouncer, 2),
+        num(row.to_direct(SHARDWIRE), 2),
         _trio(row, row.p50),
         _trio(row, row.p99),
-        _ms(row.added_p50(PGBOUNCER)),
-        _ms(row.added_p50(SHARDWIRE)),
-        f"{_percent(row.pooler_cpu(PGBOUNCER))} / {_percent(row.pooler_cpu(SHARDWIRE))}",
+        ms(row.added_p50(PGBOUNCER)),
+        ms(row.added_p50(SHARDWIRE)),
+        f"{percent(row.pooler_cpu(PGBOUNCER))} / {percent(row.pooler_cpu(SHARDWIRE))}",
         f"{_failures(row, PGBOUNCER)} / {_failures(row, SHARDWIRE)}",
-        _percent(row.other_cpu_max()),
+        percent(row.other_cpu_max()),
         _met(row),
     ]
 
 
 def text_table(rows: Sequence[Row]) -> str:
-    table = [list(HEADERS), *(cells(r) for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
-    numeric = set(range(1, 7))
-    out = []
-    for n, line in enumerate(table):
-        out.append(
-            "  ".join(
-                c.rjust(w) if i in numeric and n else c.ljust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            ).rstrip()
-        )
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+    return table_text(HEADERS, [cells(r) for r in rows], right=range(1, 7))
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    align = ["---", *["---:"] * (len(HEADERS) - 2)]
-    out = [
-        "| " + " | ".join(HEADERS) + " |",
-        "| " + " | ".join([*align, "---"]) + " |",
-    ]
-    out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    return "\n".join(out)
+    return table_markdown(HEADERS, [cells(r) for r in rows], text=(0, len(HEADERS) - 1))
 
 
 # --- JSON ---------------------------------------------------------------------------------
-
-
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def _percent_value(share: float | None) -> float | None:
@@ -258,18 +447,18 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "name": row.name,
             "protocol": row.workload.protocol,
             "clients": row.workload.clients,
-            "direct_tps": _round3(row.tps(DIRECT)),
-            "pgbouncer_tps": _round3(row.tps(PGBOUNCER)),
-            "shardwire_tps": _round3(row.tps(SHARDWIRE)),
-            "ratio_to_pgbouncer": _round3(row.ratio_to_pgbouncer),
-            "pgbouncer_to_direct": _round3(row.to_direct(PGBOUNCER)),
-            "shardwire_to_direct": _round3(row.to_direct(SHARDWIRE)),
+            "direct_tps": round3(row.tps(DIRECT)),
+            "pgbouncer_tps": round3(row.tps(PGBOUNCER)),
+            "shardwire_tps": round3(row.tps(SHARDWIRE)),
+            "ratio_to_pgbouncer": round3(row.ratio_to_pgbouncer),
+            "pgbouncer_to_direct": round3(row.to_direct(PGBOUNCER)),
+            "shardwire_to_direct": round3(row.to_direct(SHARDWIRE)),
         }
         for target in TARGETS:
-            item[f"{target}_p50_ms"] = _round3(row.p50(target))
-            item[f"{target}_p99_ms"] = _round3(row.p99(target))
+            item[f"{target}_p50_ms"] = round3(row.p50(target))
+            item[f"{target}_p99_ms"] = round3(row.p99(target))
         for target in (PGBOUNCER, SHARDWIRE):
-            item[f"{target}_added_p50_ms"] = _round3(row.added_p50(target))
+            item[f"{target}_added_p50_ms"] = round3(row.added_p50(target))
         for target in (PGBOUNCER, SHARDWIRE):
             item[f"{target}_cpu_pct"] = _percent_value(row.pooler_cpu(target))
         for target in TARGETS:
@@ -277,7 +466,7 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             item[f"{target}_aborted_clients"] = row.aborted(target)
         goal = row.goal
         item["target"] = goal.text if goal else None
-        item["target_value"] = _round3(row.goal_value)
+        item["target_value"] = round3(row.goal_value)
         item["target_met"] = row.met
         item["target_comparable"] = row.comparable if goal and goal.kind == "ratio" else True
         for target in TARGETS:
@@ -285,7 +474,7 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
         item["rounds"] = [
             {
                 target: {
-                    "tps": _round3(r[target].tps),
+                    "tps": round3(r[target].tps),
                     "p50_ms": r[target].p50_ms,
                     "p99_ms": r[target].p99_ms,
                     "failed": r[target].failed,

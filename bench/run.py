@@ -17,10 +17,8 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
@@ -30,7 +28,7 @@ import pgbouncer
 import report
 from cpu_share import CpuShare, process_cpu
 from idle_clients import IdleCost
-from pgbench_run import PgbenchResult, Target, initialise, run_select_only
+from pgbench_run import PgbenchResult, Target, initialise, run_select_only, warm_up
 from report import DIRECT, PGBOUNCER, SHARDWIRE, TARGETS, Row, Workload
 
 import shardwire
@@ -138,7 +136,7 @@ def main() -> int:
         env = _describe(cluster, bouncer, seconds=seconds, rounds=rounds, loadavg=loadavg)
 
         poolers = {PGBOUNCER: bouncer.pid, SHARDWIRE: _proxy_pid(proxy)}
-        share = CpuShare(lambda: poolers.values(), lambda: _postmaster_pid(cluster))
+        share = CpuShare(lambda: poolers.values(), lambda: report.postmaster_pid(cluster))
         results = _run_rounds(
             targets,
             seconds=seconds,
@@ -191,7 +189,11 @@ def main() -> int:
         _progress("interrupted; stopping everything")
         return 130
     finally:
-        _stop(proxy, bouncer, cluster)
+        report.stop_all([
+            proxy.stop if proxy else None,
+            bouncer.stop if bouncer else None,
+            (lambda: cluster.stop(mode="immediate")) if cluster else None,
+        ])  # fmt: skip
         if keep:
             _progress(f"kept {workdir}")
         else:
@@ -212,22 +214,14 @@ def _run_rounds(
     The order of the targets rotates from one workload to the next and from one round to
     the next, so none of them always runs first after a pause or last on a warm machine.
     """
-    for name in TARGETS:
-        _progress(f"warm-up {name}")
-        run_select_only(
-            targets[name], protocol="simple", clients=8, seconds=min(seconds, WARMUP_SECONDS),
-            log_dir=logs, user=USER, database=DATABASE, tag=f"warmup-{name}",
-        )  # fmt: skip
+    warm_up([targets[name] for name in TARGETS], seconds=min(seconds, WARMUP_SECONDS),
+            log_dir=logs, user=USER, database=DATABASE)  # fmt: skip
     results: dict[Workload, list[dict[str, PgbenchResult]]] = {w: [] for w in WORKLOADS}
-    total = rounds * len(WORKLOADS) * len(TARGETS)
-    done = 0
-    started = time.monotonic()
+    progress = report.Progress(rounds * len(WORKLOADS) * len(TARGETS))
     for number in range(rounds):
         for index, workload in enumerate(WORKLOADS):
-            shift = (number + index) % len(TARGETS)
-            order = TARGETS[shift:] + TARGETS[:shift]
             this_round: dict[str, PgbenchResult] = {}
-            for name in order:
+            for name in report.rotate(TARGETS, number + index):
                 pooler = poolers.get(name)
                 before = share.sample()
                 pooler_before = None if pooler is None else process_cpu(pooler)
@@ -250,10 +244,9 @@ def _run_rounds(
                     else (process_cpu(pooler) - pooler_before) / (after.at - before.at),
                 )
                 this_round[name] = result
-                done += 1
-                _progress(
-                    f"[{done}/{total} {time.monotonic() - started:.0f}s] round {number + 1} "
-                    f"{workload.protocol} c{workload.clients} {name}: {_brief(name, result)}"
+                progress(
+                    f"round {number + 1} {workload.protocol} c{workload.clients} {name}: "
+                    + _brief(name, result)
                 )
             results[workload].append(this_round)
     return results
@@ -279,13 +272,6 @@ def _brief(name: str, result: PgbenchResult) -> str:
 def _proxy_pid(proxy: ProxyProcess) -> int:
     assert proxy.proc is not None
     return int(proxy.proc.pid)
-
-
-def _postmaster_pid(cluster: PostgresCluster) -> int | None:
-    try:
-        return int((cluster.data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
-    except (OSError, ValueError):
-        return None
 
 
 def _idle_json(cost: IdleCost | None) -> dict[str, float] | None:
@@ -330,14 +316,9 @@ def _notes(rows: list[Row], bouncer: pgbouncer.PgBouncer, proxy: ProxyProcess) -
                     "pgbench's errors over all rounds: "
                     + "; ".join(f"{n}× `{t}`" for t, n in errors)
                 )
-    warnings = [
-        line for line in proxy.log_tail(100_000).splitlines()
-        if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
-    ]  # fmt: skip
-    if warnings:
-        notes.append(
-            f"Shardwire logged {len(warnings)} warnings or errors; the first: {warnings[0]}"
-        )
+    note = report.proxy_log_note("Shardwire", proxy)
+    if note:
+        notes.append(note)
     return notes
 
 
@@ -349,31 +330,17 @@ def _describe(
     rounds: int,
     loadavg: str,
 ) -> dict[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )  # fmt: skip
-    meminfo = Path("/proc/meminfo").read_text().split()
-    memory_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024
-    try:
-        revision = subprocess.run(
-            ["git", "-C", str(REPO), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except OSError:
-        revision = ""
+    cpu, memory, kernel = report.machine()
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cores": str(len(os.sched_getaffinity(0))),
         "cpu": cpu,
-        "memory": f"{memory_gib:.1f} GiB RAM",
-        "kernel": f"Linux {platform.release()}",
+        "memory": memory,
+        "kernel": kernel,
         "postgres": "PostgreSQL " + cluster.sql("SHOW server_version"),
         "pgbouncer": "PgBouncer " + ".".join(map(str, bouncer.version)),
         "python": platform.python_version(),
-        "shardwire": shardwire.__version__ + (f" (git {revision})" if revision else ""),
+        "shardwire": f"{shardwire.__version__} ({report.shardwire_source()})",
         "scale": str(SCALE),
         "db_size": cluster.sql(
             f"SELECT pg_size_pretty(pg_database_size('{DATABASE}'))", dbname=DATABASE
@@ -384,27 +351,6 @@ def _describe(
         "loadavg": loadavg,
         "loadavg_after": "",
     }
-
-
-def _stop(
-    proxy: ProxyProcess | None,
-    bouncer: pgbouncer.PgBouncer | None,
-    cluster: PostgresCluster | None,
-) -> None:
-    # Each in turn, whatever the one before did: nothing may outlive the benchmark.
-    for stop in (
-        proxy.stop if proxy else None,
-        bouncer.stop if bouncer else None,
-        (lambda: cluster.stop(mode="immediate")) if cluster else None,
-    ):
-        if stop is None:
-            continue
-        try:
-            stop()
-        except KeyboardInterrupt:
-            stop()
-        except Exception as exc:  # report it and go on stopping the rest
-            _progress(f"while stopping: {exc}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Setups, all on this machine:
 
 - single: one PostgreSQL server holding all of table ``t`` (1,000,000 rows), queried
   directly, no proxy;
+- pgbouncer: PgBouncer in transaction mode in front of that same server (another proxy hop,
+  for scale: what any hop costs here);
 - one-shard: Shardwire with one shard, that same server, and no sharding rules;
 - 4-shard: Shardwire over four more servers; ``t`` range-sharded on ``k`` (250,000 rows each).
 
@@ -15,7 +17,9 @@ What is measured, in rounds with the order of the setups rotating:
 
 1. ``SELECT k, g, x, pad FROM t ORDER BY k LIMIT 10``: one client runs it over and over
    (psycopg, prepared statement, rows fetched); p50 of the per-query times, 4-shard ÷ single
-   ≤ 1.5.
+   ≤ 1.5. Next to it, with no proxy: an asyncpg client sends the same query to the four
+   shard servers at once and merges the 4 × 10 rows itself (the floor of any 4-way fan-out
+   on this machine), against the same client on the single server.
 2. Fan-outs of 1,000,000 rows (``SELECT k, g, x, pad FROM t``, and the same ``ORDER BY k``)
    fetched by psql into /dev/null: the proxy process's CPU time (user + system, from
    /proc/<pid>/stat) per row ≤ 2 µs, and its RSS (VmRSS from /proc/<pid>/status, sampled
@@ -24,8 +28,9 @@ What is measured, in rounds with the order of the setups rotating:
 3. ``SELECT count(*) FROM t`` and ``SELECT g, count(*), sum(x) FROM t GROUP BY g``: 4-shard
    p50 ≤ single p50.
 
-Context, no target: ``... ORDER BY x LIMIT 10`` (x has no index, so every server reads all its
-rows) next to 1., and the fan-outs through the one-shard proxy (forwarding, no merge) and
+Context, no target: PgBouncer's p50 ÷ single for every query of 1. and 3., the client fan-out
+above, ``... ORDER BY x LIMIT 10`` (x has no index, so every server reads all its rows) next
+to 1., and the fan-outs through the one-shard proxy (forwarding, no merge) and
 straight from the single server (psql's own time).
 
 Usage: ``.venv/bin/python bench/scatter.py``. Environment: BENCH_SECONDS (how long one client
@@ -56,26 +61,56 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+import pgbouncer
 import psycopg
 import report
 from cpu_share import children, machine_busy, process_cpu
-from report import write_json
+from direct import FanoutClient, Server, percentile
+from report import (
+    max_of,
+    median_of,
+    ms,
+    num,
+    percent,
+    rotate,
+    round3,
+    table_markdown,
+    table_text,
+    write_json,
+)
 from run import DATABASE, DOCS, RESULTS, USER, _env_int, _interrupt, _loadavg, _progress
 
 import shardwire
-from shardwire.testing import PostgresCluster, pg_bindir, start_clusters, stop_clusters
+from shardwire.testing import (
+    PostgresCluster,
+    free_port,
+    pg_bindir,
+    start_clusters,
+    stop_clusters,
+)
 from shardwire.testing.proxy import ProxyProcess
 
 BENCHMARK = "scatter-gather"
-SINGLE, ONE_SHARD, SHARDED = "single", "one-shard", "4-shard"
-LATENCY_SETUPS = (SINGLE, ONE_SHARD, SHARDED)
-JSON_KEY = {SINGLE: "single", ONE_SHARD: "one_shard", SHARDED: "sharded"}
+SINGLE, PGBOUNCER, ONE_SHARD, SHARDED = "single", "pgbouncer", "one-shard", "4-shard"
+LATENCY_SETUPS = (SINGLE, PGBOUNCER, ONE_SHARD, SHARDED)
+# The client fan-out, no proxy: an asyncpg client on the single server, and on the four shard
+# servers at once (merging their rows itself).
+CLIENT_SINGLE, CLIENT_FANOUT = "client-single", "client-4-shard"
+CLIENT_SETUPS = (CLIENT_SINGLE, CLIENT_FANOUT)
+JSON_KEY = {SINGLE: "single", PGBOUNCER: "pgbouncer", ONE_SHARD: "one_shard",
+            SHARDED: "sharded", CLIENT_SINGLE: "client_single",
+            CLIENT_FANOUT: "client_fanout"}  # fmt: skip
 SHARDS = 4
 ROWS = 1_000_000
 PER_SHARD = ROWS // SHARDS
 GROUPS = 100
 SMALL_EVERY = 10  # the small fan-out reads every tenth k: 100,000 rows
 POOL_SIZE = 4
+# PgBouncer before 1.21 does not follow prepared statements in transaction mode: with one
+# server connection the client's statements stay where it prepared them. One client needs no
+# more.
+PGBOUNCER_POOL_SIZE = 1
 MIN_EXECUTIONS = 20
 WARMUP_SECONDS = 0.5
 RSS_INTERVAL = 0.01
@@ -101,11 +136,39 @@ class LatencyQuery:
     sql: str
     bound: float | None  # the 4-shard ÷ single p50 ratio must be at most this; None: context
     ordered: bool  # whether the rows come in a defined order (else compared as a set)
+    client: bool = False  # sent by the asyncpg client straight to the servers, no proxy
+
+    @property
+    def setups(self) -> tuple[str, ...]:
+        return CLIENT_SETUPS if self.client else LATENCY_SETUPS
+
+    @property
+    def columns(self) -> tuple[str | None, ...]:
+        """The setup in each column of the latency table (single, PgBouncer, one-shard,
+        4-shard); None where the row has nothing."""
+        return (CLIENT_SINGLE, None, None, CLIENT_FANOUT) if self.client else LATENCY_SETUPS
+
+    @property
+    def base(self) -> str:
+        """What the ratios divide by: the one server."""
+        return CLIENT_SINGLE if self.client else SINGLE
+
+    @property
+    def label(self) -> str:
+        if self.client:
+            return (
+                f"`{self.sql}` by an asyncpg client, no proxy: single = the one server, "
+                "4-shard = the four shard servers at once, merged by the client"
+            )
+        return f"`{self.sql}`"
 
 
 LATENCY_QUERIES = (
     LatencyQuery("order-by-limit", f"SELECT {COLUMNS} FROM t ORDER BY k LIMIT 10",
                  LIMIT_RATIO_TARGET, True),
+    # Context, no target: the floor of a 4-way fan-out on this machine, without a proxy.
+    LatencyQuery("order-by-limit-client", f"SELECT {COLUMNS} FROM t ORDER BY k LIMIT 10",
+                 None, True, client=True),
     LatencyQuery("count", "SELECT count(*) FROM t", PARALLEL_RATIO_TARGET, True),
     LatencyQuery("group-by", "SELECT g, count(*), sum(x) FROM t GROUP BY g",
                  PARALLEL_RATIO_TARGET, False),
@@ -116,6 +179,7 @@ LATENCY_QUERIES = (
 )  # fmt: skip
 # The two queries of target 3, whose plans (parallel or not) the checks record.
 PARALLEL_QUERIES = ("count", "group-by")
+CLIENT_LIMIT = 10  # the client fan-out's LIMIT, applied again after its merge
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,37 +260,34 @@ class Fetch:
         return self.rss_peak_kib - self.rss_before_kib
 
 
-def _median(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
-def _max(values: Sequence[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return max(known) if known else None
-
-
 @dataclass(frozen=True, slots=True)
 class LatencyRow:
     query: LatencyQuery
     rounds: tuple[Mapping[str, Timing], ...]
 
-    def p50(self, setup: str) -> float | None:
-        return _median([r[setup].p50_ms for r in self.rounds])
+    def timings(self, setup: str | None) -> list[Timing]:
+        """``setup``'s timing in each round; none for a setup the row does not run."""
+        return [r[setup] for r in self.rounds if setup is not None and setup in r]
 
-    def p90(self, setup: str) -> float | None:
-        return _median([r[setup].p90_ms for r in self.rounds])
+    def p50(self, setup: str | None) -> float | None:
+        return median_of([t.p50_ms for t in self.timings(setup)])
 
-    def executions(self, setup: str) -> float | None:
-        return _median([r[setup].executions for r in self.rounds])
+    def p90(self, setup: str | None) -> float | None:
+        return median_of([t.p90_ms for t in self.timings(setup)])
 
-    def ratio(self, setup: str = SHARDED) -> float | None:
-        """``setup`` ÷ single p50, within each round, then the median."""
-        return _median([r[setup].p50_ms / r[SINGLE].p50_ms for r in self.rounds
-                        if r[SINGLE].p50_ms > 0])  # fmt: skip
+    def executions(self, setup: str | None) -> float | None:
+        return median_of([t.executions for t in self.timings(setup)])
+
+    def ratio(self, setup: str | None = SHARDED) -> float | None:
+        """``setup`` ÷ the one server's p50 (single, or the client's on it), within each
+        round, then the median."""
+        base = self.query.base
+        return median_of([r[setup].p50_ms / r[base].p50_ms for r in self.rounds
+                        if setup is not None and setup in r
+                        and r[base].p50_ms > 0])  # fmt: skip
 
     def other_cpu(self) -> float | None:
-        return _max([r[s].other_cpu for r in self.rounds for s in LATENCY_SETUPS])
+        return max_of([r[s].other_cpu for r in self.rounds for s in self.query.setups])
 
     @property
     def met(self) -> bool | None:
@@ -250,20 +311,20 @@ class FanoutRow:
         return self.rounds[0].rows if self.rounds else 0
 
     def median(self, pick: Callable[[Fetch], float | None]) -> float | None:
-        return _median([pick(f) for f in self.rounds])
+        return median_of([pick(f) for f in self.rounds])
 
     def peak_mib(self) -> float | None:
         """The highest RSS seen in any round."""
-        peak = _max([f.rss_peak_kib for f in self.rounds])
+        peak = max_of([f.rss_peak_kib for f in self.rounds])
         return None if peak is None else peak / 1024
 
     def growth_mib(self) -> float | None:
         """How much the RSS grew during the query (peak − before), the largest of the rounds."""
-        growth = _max([f.rss_growth_kib for f in self.rounds])
+        growth = max_of([f.rss_growth_kib for f in self.rounds])
         return None if growth is None else growth / 1024
 
     def other_cpu(self) -> float | None:
-        return _max([f.other_cpu for f in self.rounds])
+        return max_of([f.other_cpu for f in self.rounds])
 
     @property
     def name(self) -> str:
@@ -375,6 +436,7 @@ class Bench:
     workdir: Path
     clusters: list[PostgresCluster]
     proxies: dict[str, ProxyProcess]
+    bouncer: pgbouncer.PgBouncer | None = None
 
     @property
     def single(self) -> PostgresCluster:
@@ -386,32 +448,25 @@ class Bench:
 
     def targets(self) -> dict[str, Target]:
         out = {SINGLE: Target(SINGLE, self.single.host, self.single.port, None)}
+        if self.bouncer is not None:
+            out[PGBOUNCER] = Target(
+                PGBOUNCER, self.bouncer.host, self.bouncer.port, self.bouncer.pid
+            )
         for name, proxy in self.proxies.items():
             assert proxy.proc is not None
             out[name] = Target(name, proxy.host, proxy.port, int(proxy.proc.pid))
         return out
 
     def postmasters(self) -> list[int]:
-        pids = []
-        for cluster in self.clusters:
-            try:
-                pids.append(int((cluster.data_dir / "postmaster.pid").read_text().split()[0]))
-            except (OSError, ValueError, IndexError):
-                pass
-        return pids
+        pids = (report.postmaster_pid(cluster) for cluster in self.clusters)
+        return [pid for pid in pids if pid is not None]
 
     def stop(self) -> None:
-        # Each in turn, whatever the one before did: nothing may outlive the benchmark.
-        stops: list[Callable[[], None]] = [p.stop for p in self.proxies.values()]
-        if self.clusters:
-            stops.append(lambda: stop_clusters(self.clusters, mode="immediate"))
-        for stop in stops:
-            try:
-                stop()
-            except KeyboardInterrupt:
-                stop()
-            except Exception as exc:  # report it and go on stopping the rest
-                _progress(f"while stopping: {exc}")
+        report.stop_all([
+            *(p.stop for p in self.proxies.values()),
+            self.bouncer.stop if self.bouncer else None,
+            (lambda: stop_clusters(self.clusters, mode="immediate")) if self.clusters else None,
+        ])  # fmt: skip
 
 
 def shard_bounds(index: int) -> tuple[int, int]:
@@ -434,7 +489,9 @@ def _fill(cluster: PostgresCluster, low: int, high: int) -> None:
 
 
 def build(workdir: Path) -> Bench:
-    """Five servers filled, two proxies started. On failure, what started is stopped."""
+    """Five servers filled, PgBouncer and two Shardwires started. On failure, what started
+    is stopped."""
+    program = pgbouncer.ensure_installed()
     bench = Bench(workdir, [], {})
     try:
         bench.clusters = start_clusters(
@@ -492,6 +549,19 @@ def build(workdir: Path) -> Bench:
         )
         for proxy in bench.proxies.values():
             proxy.start()
+        bench.bouncer = pgbouncer.PgBouncer(
+            program,
+            workdir / PGBOUNCER,
+            port=free_port(),
+            server_host=bench.single.host,
+            server_port=bench.single.port,
+            database=DATABASE,
+            user=USER,
+            pool_size=PGBOUNCER_POOL_SIZE,
+            max_client_conn=100,
+            max_prepared_statements=100,
+        )
+        bench.bouncer.start()
         return bench
     except BaseException:
         bench.stop()
@@ -502,58 +572,67 @@ def build(workdir: Path) -> Bench:
 
 
 def _connect(target: Target) -> psycopg.Connection[Any]:
-    return psycopg.connect(
-        host=target.host, port=target.port, user=USER, dbname=DATABASE, autocommit=True,
-        connect_timeout=10,
-    )  # fmt: skip
+    return report.connect(target.host, target.port, user=USER, database=DATABASE)
 
 
-def show_route(target: Target, sql: str) -> dict[str, str]:
-    with _connect(target) as conn:
-        cursor = conn.execute(f"SHOW ROUTE FOR {sql}")
-        row = cursor.fetchone()
-        names = [d.name for d in cursor.description or ()]
-    if row is None:
-        return {}
-    return {n: "" if v is None else str(v) for n, v in zip(names, row, strict=True)}
+def open_clients(bench: Bench) -> dict[str, FanoutClient]:
+    """The asyncpg clients of the client fan-out: on the single server, on the four shards."""
+    clients: dict[str, FanoutClient] = {}
+    try:
+        for name, clusters in ((CLIENT_SINGLE, [bench.single]), (CLIENT_FANOUT, bench.shards)):
+            servers = [Server(c.host, c.port) for c in clusters]
+            clients[name] = FanoutClient(servers, user=USER, database=DATABASE)
+    except BaseException:
+        for client in clients.values():
+            client.close()
+        raise
+    return clients
 
 
-def _route_shards(route: Mapping[str, str]) -> list[str]:
-    text = route.get("shards", "")
-    return sorted(text.replace("{", " ").replace("}", " ").replace(",", " ").split())
-
-
-def check(bench: Bench, targets: Mapping[str, Target]) -> list[str]:
+def check(
+    bench: Bench, targets: Mapping[str, Target], clients: Mapping[str, FanoutClient]
+) -> list[str]:
     """Every shard holds its rows; every query goes to every shard through the 4-shard proxy
-    and returns the single server's rows through both proxies. Raises on the first wrong
-    answer (a benchmark of wrong answers means nothing); returns what it checked."""
+    and returns the single server's rows through PgBouncer and both proxies, and the client
+    fan-out merges the same rows. Raises on the first wrong answer (a benchmark of wrong
+    answers means nothing); returns what it checked."""
     lines = []
     counts = [int(c.sql("SELECT count(*) FROM t", dbname=DATABASE)) for c in bench.shards]
     if counts != [PER_SHARD] * SHARDS:
         raise RuntimeError(f"the shards hold {counts} rows of t, not {PER_SHARD} each")
     lines.append(f"the shards hold {', '.join(f'{n:,}' for n in counts)} rows of t")
     every = [f"s{i + 1}" for i in range(SHARDS)]
-    sqls = [q.sql for q in LATENCY_QUERIES]
+    sqls = list(dict.fromkeys(q.sql for q in LATENCY_QUERIES))
     sqls += [s for q in FANOUT_QUERIES for s in (q.full, q.small)]
     for sql in sqls:
-        route = show_route(targets[SHARDED], sql)
-        if _route_shards(route) != every or route.get("sqlstate"):
+        sharded = targets[SHARDED]
+        route = report.show_route(sharded.host, sharded.port, sql, user=USER, database=DATABASE)
+        if report.route_shards(route) != every or route.get("sqlstate"):
             raise RuntimeError(f"{sql!r} does not run on every shard: {route}")
     lines.append(f"SHOW ROUTE: all {len(sqls)} queries run on {', '.join(every)}")
+    expected: dict[str, list[Any]] = {}
     for query in LATENCY_QUERIES:
-        answers = {}
-        for name in LATENCY_SETUPS:
-            with _connect(targets[name]) as conn:
-                rows = conn.execute(query.sql).fetchall()
+        answers: dict[str, list[Any]] = {}
+        for name in query.setups:
+            if query.client:
+                rows = clients[name].merged(query.sql, limit=CLIENT_LIMIT)
+            else:
+                with _connect(targets[name]) as conn:
+                    rows = conn.execute(query.sql).fetchall()
             answers[name] = rows if query.ordered else sorted(rows)
-        for name in (ONE_SHARD, SHARDED):
-            if answers[name] != answers[SINGLE]:
+        want = expected.setdefault(query.sql, answers[query.base])
+        for name in query.setups:
+            if answers[name] != want:
                 raise RuntimeError(
                     f"{query.sql!r} through {name} returned {answers[name][:3]}..., the "
-                    f"single server {answers[SINGLE][:3]}..."
+                    f"single server {want[:3]}..."
                 )
-        n = len(answers[SINGLE])
-        lines.append(f"`{query.sql}`: the same {n} row{'' if n == 1 else 's'} through all three")
+        n = len(want)
+        lines.append(
+            f"`{query.sql}`: the same {n} row{'' if n == 1 else 's'} "
+            + ("from the asyncpg client on the single server and merged from the four shards"
+               if query.client else "directly, through PgBouncer and through both Shardwires")
+        )  # fmt: skip
     for query in LATENCY_QUERIES:
         if query.name in PARALLEL_QUERIES:
             lines.append(
@@ -574,11 +653,6 @@ def _workers(cluster: PostgresCluster, sql: str) -> str:
 
 
 # --- measuring -----------------------------------------------------------------------------
-
-
-def _percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def repeat(conn: psycopg.Connection[Any], sql: str, *, seconds: float, minimum: int) -> list[float]:
@@ -645,20 +719,28 @@ def fetch_all(target: Target, sql: str, machine: Machine) -> Fetch:
     )
 
 
-def _rotate(items: Sequence[Any], shift: int) -> list[Any]:
-    shift %= len(items)
-    return list(items[shift:]) + list(items[:shift])
-
-
 def run_rounds(
-    targets: Mapping[str, Target], machine: Machine, *, seconds: float, rounds: int
+    targets: Mapping[str, Target],
+    clients: Mapping[str, FanoutClient],
+    machine: Machine,
+    *,
+    seconds: float,
+    rounds: int,
 ) -> tuple[list[LatencyRow], list[FanoutRow]]:
     conns = {name: _connect(targets[name]) for name in LATENCY_SETUPS}
+
+    def times(query: LatencyQuery, setup: str, seconds: float, minimum: int) -> list[float]:
+        if query.client:
+            return clients[setup].repeat(
+                query.sql, limit=CLIENT_LIMIT, seconds=seconds, minimum=minimum
+            )
+        return repeat(conns[setup], query.sql, seconds=seconds, minimum=minimum)
+
     try:
         _progress("warm-up")
-        for name in LATENCY_SETUPS:
-            for query in LATENCY_QUERIES:
-                repeat(conns[name], query.sql, seconds=WARMUP_SECONDS, minimum=3)
+        for query in LATENCY_QUERIES:
+            for name in query.setups:
+                times(query, name, WARMUP_SECONDS, 3)
         fetch_all(targets[SHARDED], FANOUT_QUERIES[0].small, machine)
 
         latency: dict[str, list[dict[str, Timing]]] = {q.name: [] for q in LATENCY_QUERIES}
@@ -669,14 +751,14 @@ def run_rounds(
         for number in range(rounds):
             for index, query in enumerate(LATENCY_QUERIES):
                 this_round: dict[str, Timing] = {}
-                for name in _rotate(LATENCY_SETUPS, number + index):
+                for name in rotate(query.setups, number + index):
                     before = machine.sample()
-                    times = repeat(conns[name], query.sql, seconds=seconds, minimum=MIN_EXECUTIONS)
+                    taken = times(query, name, seconds, MIN_EXECUTIONS)
                     after = machine.sample()
                     timing = Timing(
-                        executions=len(times),
-                        p50_ms=statistics.median(times),
-                        p90_ms=_percentile(times, 0.9),
+                        executions=len(taken),
+                        p50_ms=statistics.median(taken),
+                        p90_ms=percentile(taken, 0.9),
                         other_cpu=machine.other_fraction(before, after),
                     )
                     this_round[name] = timing
@@ -687,7 +769,7 @@ def run_rounds(
                     )
                 latency[query.name].append(this_round)
             for index, fquery in enumerate(FANOUT_QUERIES):
-                for run in _rotate(FANOUT_RUNS, number + index):
+                for run in rotate(FANOUT_RUNS, number + index):
                     sql = fquery.small if run.small else fquery.full
                     fetch = fetch_all(targets[run.setup], sql, machine)
                     fanout[(fquery.name, run)].append(fetch)
@@ -728,11 +810,18 @@ def _fetch_brief(fetch: Fetch) -> str:
 def verdicts(latency: Sequence[LatencyRow], fanout: Sequence[FanoutRow]) -> list[Verdict]:
     out = []
     by_name = {row.query.name: row for row in latency}
-    limit = by_name["order-by-limit"]
+    limit, client = by_name["order-by-limit"], by_name["order-by-limit-client"]
+    # Side by side with the target, for scale (no verdict of their own): one PgBouncer hop,
+    # and a 4-way fan-out by the client itself, no proxy.
+    scale = (
+        f"; next to it, PgBouncer {num(limit.ratio(PGBOUNCER), 2)}× the single server's, and "
+        "the asyncpg client's own fan-out to the four shards "
+        f"{num(client.ratio(CLIENT_FANOUT), 2)}× the same client on the single server"
+    )
     out.append(Verdict(
         f"4 shards, `{limit.query.sql}`, 1 client: p50 ≤ {LIMIT_RATIO_TARGET}× the single "
         "server's",
-        _ratio_text(limit), limit.met,
+        _ratio_text(limit) + scale, limit.met,
     ))  # fmt: skip
     for fan in fanout:
         if fan.run != FanoutRun(SHARDED, small=False):
@@ -783,43 +872,35 @@ def _ratio_text(row: LatencyRow) -> str:
     ratio = row.ratio()
     if ratio is None:
         return "—"
-    return f"{ratio:.2f}× ({_ms(row.p50(SHARDED))} ms against {_ms(row.p50(SINGLE))} ms, medians)"
+    return f"{ratio:.2f}× ({ms(row.p50(SHARDED))} ms against {ms(row.p50(SINGLE))} ms, medians)"
 
 
 # --- output --------------------------------------------------------------------------------
 
 
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.0f}%"
-
-
 LATENCY_HEADERS = (
-    "query", "executions s/1/4", "p50 ms single", "p50 ms one-shard", "p50 ms 4-shard",
-    "p90 ms s/1/4", "one-shard ÷ single", "4-shard ÷ single", "others' cpu", "target",
+    "query", "executions s/b/1/4", "p50 ms single", "p50 ms pgbouncer", "p50 ms one-shard",
+    "p50 ms 4-shard", "p90 ms s/b/1/4", "pgbouncer ÷ single", "one-shard ÷ single",
+    "4-shard ÷ single", "others' cpu", "target",
 )  # fmt: skip
 
 
 def latency_cells(row: LatencyRow, *, markdown: bool) -> list[str]:
-    query = f"`{row.query.sql}`" if markdown else row.query.name
+    query = row.query.label if markdown else row.query.name
     met = row.met
+    single, bouncer, one, four = row.query.columns
     return [
         query,
-        " / ".join(_num(row.executions(s)) for s in LATENCY_SETUPS),
-        _ms(row.p50(SINGLE)),
-        _ms(row.p50(ONE_SHARD)),
-        _ms(row.p50(SHARDED)),
-        " / ".join(_ms(row.p90(s)) for s in LATENCY_SETUPS),
-        _num(row.ratio(ONE_SHARD), 2),
-        _num(row.ratio(SHARDED), 2),
-        _pct(row.other_cpu()),
+        " / ".join(num(row.executions(s)) for s in row.query.columns),
+        ms(row.p50(single)),
+        ms(row.p50(bouncer)),
+        ms(row.p50(one)),
+        ms(row.p50(four)),
+        " / ".join(ms(row.p90(s)) for s in row.query.columns),
+        num(row.ratio(bouncer), 2),
+        num(row.ratio(one), 2),
+        num(row.ratio(four), 2),
+        percent(row.other_cpu()),
         "context, no target"
         if row.query.bound is None
         else f"≤ {row.query.bound:g}: " + ("n/a" if met is None else "PASS" if met else "MISSED"),
@@ -838,42 +919,15 @@ def fanout_cells(row: FanoutRow) -> list[str]:
     return [
         row.query.name,
         row.run.setup,
-        _num(row.rows),
-        _num(wall, 2),
-        "—" if not wall else _num(row.rows / wall),
-        _num(row.median(lambda f: f.proxy_cpu_s), 2),
-        _num(row.median(lambda f: f.us_per_row), 2),
-        "—" if before is None else _num(before / 1024, 1),
-        _num(row.peak_mib(), 1),
-        _pct(row.other_cpu()),
+        num(row.rows),
+        num(wall, 2),
+        "—" if not wall else num(row.rows / wall),
+        num(row.median(lambda f: f.proxy_cpu_s), 2),
+        num(row.median(lambda f: f.us_per_row), 2),
+        "—" if before is None else num(before / 1024, 1),
+        num(row.peak_mib(), 1),
+        percent(row.other_cpu()),
     ]
-
-
-def text_table(headers: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
-    table = [list(headers), *(list(line) for line in lines)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(headers))]
-    out = []
-    for n, line in enumerate(table):
-        out.append("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def markdown_table(
-    headers: Sequence[str], lines: Sequence[Sequence[str]], text: Sequence[int]
-) -> str:
-    """A table whose columns are right-aligned (numbers) except those in ``text``."""
-    out = [
-        "| " + " | ".join(headers) + " |",
-        "| " + " | ".join("---" if i in text else "---:" for i in range(len(headers))) + " |",
-    ]
-    out += ["| " + " | ".join(line) + " |" for line in lines]
-    return "\n".join(out)
-
-
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def json_document(
@@ -892,17 +946,17 @@ def json_document(
             {
                 "name": row.name,
                 "query": row.query.sql,
-                **{f"{JSON_KEY[s]}_p50_ms": _round3(row.p50(s)) for s in LATENCY_SETUPS},
-                **{f"{JSON_KEY[s]}_p90_ms": _round3(row.p90(s)) for s in LATENCY_SETUPS},
-                "sharded_to_single": _round3(row.ratio(SHARDED)),
-                "one_shard_to_single": _round3(row.ratio(ONE_SHARD)),
+                **{f"{JSON_KEY[s]}_p50_ms": round3(row.p50(s)) for s in row.query.setups},
+                **{f"{JSON_KEY[s]}_p90_ms": round3(row.p90(s)) for s in row.query.setups},
+                **{f"{JSON_KEY[s]}_to_{JSON_KEY[row.query.base]}": round3(row.ratio(s))
+                   for s in row.query.setups if s != row.query.base},
                 "bound": row.query.bound,
                 "met": row.met,
                 "rounds": [
-                    {JSON_KEY[s]: {"p50_ms": _round3(r[s].p50_ms),
+                    {JSON_KEY[s]: {"p50_ms": round3(r[s].p50_ms),
                                    "executions": r[s].executions,
-                                   "other_cpu": _round3(r[s].other_cpu)}
-                     for s in LATENCY_SETUPS}
+                                   "other_cpu": round3(r[s].other_cpu)}
+                     for s in row.query.setups}
                     for r in row.rounds
                 ],
             }
@@ -914,15 +968,15 @@ def json_document(
                 "query": row.query.small if row.run.small else row.query.full,
                 "through": JSON_KEY[row.run.setup],
                 "rows": row.rows,
-                "wall_s": _round3(row.median(lambda f: f.wall_s)),
-                "proxy_cpu_s": _round3(row.median(lambda f: f.proxy_cpu_s)),
-                "proxy_us_per_row": _round3(row.median(lambda f: f.us_per_row)),
-                "proxy_rss_peak_mib": _round3(row.peak_mib()),
-                "proxy_rss_growth_mib": _round3(row.growth_mib()),
+                "wall_s": round3(row.median(lambda f: f.wall_s)),
+                "proxy_cpu_s": round3(row.median(lambda f: f.proxy_cpu_s)),
+                "proxy_us_per_row": round3(row.median(lambda f: f.us_per_row)),
+                "proxy_rss_peak_mib": round3(row.peak_mib()),
+                "proxy_rss_growth_mib": round3(row.growth_mib()),
                 "rounds": [
-                    {"wall_s": _round3(f.wall_s), "proxy_cpu_s": _round3(f.proxy_cpu_s),
+                    {"wall_s": round3(f.wall_s), "proxy_cpu_s": round3(f.proxy_cpu_s),
                      "rss_before_kib": f.rss_before_kib, "rss_peak_kib": f.rss_peak_kib,
-                     "other_cpu": _round3(f.other_cpu)}
+                     "other_cpu": round3(f.other_cpu)}
                     for f in row.rounds
                 ],
             }
@@ -969,20 +1023,30 @@ def markdown_section(
         f"table `t (k bigint PRIMARY KEY, g integer, x integer, pad text)`; g = k % {GROUPS}, "
         "x a scrambled k, pad md5(k), filled with generate_series on each server and "
         f"vacuumed. *single*: one server holding all {ROWS:,} rows, queried directly. "
-        "*one-shard*: Shardwire with that server as its only shard and no rules. *4-shard*: "
-        f"Shardwire over the other four servers, `t` range-sharded on `k` ({ranges}). Both "
-        f"proxies: transaction mode, pool.size {POOL_SIZE}, log level warning. In each round "
-        "every measurement ran once, the order of the setups rotating from one query and "
-        "round to the next.",
+        "*pgbouncer*: PgBouncer (transaction mode, default_pool_size "
+        f"{PGBOUNCER_POOL_SIZE}: before 1.21 it does not follow prepared statements, and one "
+        "server connection keeps them where the one client prepared them) in front of that "
+        "server. *one-shard*: Shardwire with that server as its only shard and no rules. "
+        "*4-shard*: Shardwire over the other four servers, `t` range-sharded on `k` "
+        f"({ranges}). Both Shardwires: transaction mode, pool.size {POOL_SIZE}, log level "
+        "warning. In each round every measurement ran once, the order of the setups rotating "
+        "from one query and round to the next.",
         "",
         "Latency: one client (psycopg "
         f"{psycopg.__version__}, a prepared statement executed and its rows fetched, one "
         f"execution after the other over TCP) repeats a query for BENCH_SECONDS; p50 and p90 "
         "of the per-query times. Figures are medians over the rounds; ratios are computed "
-        "within each round, then the median taken. The last row is context, not a target: the "
-        "same shape ordered by x, which has no index, so that every server reads all its rows.",
+        "within each round, then the median taken. *pgbouncer ÷ single* is what one proxy "
+        "hop that does no more than pass the query on costs this machine, next to what "
+        "Shardwire's one-shard and 4-shard hops cost. The second row has no proxy: an asyncpg "
+        f"{asyncpg.__version__} client (uvloop, statements prepared at their first execution) "
+        "sends the query to the four shard servers at once, merges the 4 × 10 rows on k and "
+        "keeps the first 10, against the same client sending it to the single server: what a "
+        "4-way fan-out costs on this machine before any proxy adds to it. It and the last "
+        "row are context, not targets; the last row is the same shape ordered by x, which "
+        "has no index, so that every server reads all its rows.",
         "",
-        markdown_table(
+        table_markdown(
             LATENCY_HEADERS,
             [latency_cells(r, markdown=True) for r in latency],
             text=(0, len(LATENCY_HEADERS) - 1),
@@ -996,7 +1060,7 @@ def markdown_section(
         "during the query. The one-shard proxy forwards a single shard's rows untouched; "
         "single is psql alone, for the client's own time.",
         "",
-        markdown_table(FANOUT_HEADERS, [fanout_cells(r) for r in fanout], text=(0, 1)),
+        table_markdown(FANOUT_HEADERS, [fanout_cells(r) for r in fanout], text=(0, 1)),
         "",
         "Targets (medians on this machine):",
         "",
@@ -1015,40 +1079,25 @@ def markdown_section(
 def _notes(bench: Bench) -> list[str]:
     notes = []
     for name, proxy in bench.proxies.items():
-        warnings = [
-            line for line in proxy.log_tail(100_000).splitlines()
-            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
-        ]  # fmt: skip
-        if warnings:
-            notes.append(
-                f"the {name} Shardwire logged {len(warnings)} warnings or errors; "
-                f"the first: {warnings[0]}"
-            )
+        note = report.proxy_log_note(f"the {name} Shardwire", proxy)
+        if note:
+            notes.append(note)
     return notes
 
 
-def _describe(
-    cluster: PostgresCluster, *, seconds: int, rounds: int, loadavg: str
-) -> dict[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )  # fmt: skip
-    meminfo = Path("/proc/meminfo").read_text().split()
-    memory_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024
+def _describe(bench: Bench, *, seconds: int, rounds: int, loadavg: str) -> dict[str, str]:
+    cluster = bench.single
     psql = subprocess.run(
         [psql_program(), "--version"], capture_output=True, text=True, timeout=10
     ).stdout.strip()
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{len(os.sched_getaffinity(0))} cores, {cpu}, {memory_gib:.1f} GiB RAM, "
-        f"Linux {platform.release()}",
+        "machine": report.machine_line(),
         "software": "PostgreSQL "
         + cluster.sql("SHOW server_version")
-        + f", {psql}, psycopg {psycopg.__version__}, Python {platform.python_version()}, "
-        f"Shardwire {shardwire.__version__} ({_shardwire_source()})",
+        + f", {psql}, {_bouncer_version(bench)}, psycopg {psycopg.__version__}, asyncpg "
+        f"{asyncpg.__version__}, Python {platform.python_version()}, "
+        f"Shardwire {shardwire.__version__} ({report.shardwire_source()})",
         "seconds": str(seconds),
         "rounds": str(rounds),
         "loadavg": loadavg,
@@ -1056,21 +1105,10 @@ def _describe(
     }
 
 
-def _shardwire_source() -> str:
-    """Which Shardwire ran (the proxies import the one this process imports): the
-    repository's revision, or the directory it came from when PYTHONPATH points elsewhere."""
-    package = Path(shardwire.__file__).resolve().parent
-    repo = DOCS.parent.parent.resolve()
-    if not package.is_relative_to(repo):
-        return f"imported from {package.parent}"
-    try:
-        revision = subprocess.run(
-            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except OSError:
-        revision = ""
-    return f"git {revision}" if revision else f"from {package.parent}"
+def _bouncer_version(bench: Bench) -> str:
+    if bench.bouncer is None:
+        return "no PgBouncer"
+    return "PgBouncer " + ".".join(map(str, bench.bouncer.version))
 
 
 @contextmanager
@@ -1092,6 +1130,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="shardwire-bench-scatter-"))
     os.chmod(workdir, 0o711)  # the postgres OS user runs the servers in here
     bench: Bench | None = None
+    clients: dict[str, FanoutClient] = {}
     with _signals():
         try:
             _progress(f"work directory {workdir}")
@@ -1099,18 +1138,19 @@ def main() -> int:
             targets = bench.targets()
             proxy_pids = [t.proxy_pid for t in targets.values() if t.proxy_pid is not None]
             machine = Machine(lambda: proxy_pids, bench.postmasters)
-            checks = check(bench, targets)
+            clients = open_clients(bench)
+            checks = check(bench, targets, clients)
             for line in checks:
                 _progress(f"check: {line}")
-            env = _describe(bench.single, seconds=seconds, rounds=rounds, loadavg=loadavg)
-            latency, fanout = run_rounds(targets, machine, seconds=seconds, rounds=rounds)
+            env = _describe(bench, seconds=seconds, rounds=rounds, loadavg=loadavg)
+            latency, fanout = run_rounds(targets, clients, machine, seconds=seconds, rounds=rounds)
             env["loadavg_after"] = _loadavg()
             results = verdicts(latency, fanout)
             notes = _notes(bench)
 
-            print(text_table(LATENCY_HEADERS, [latency_cells(r, markdown=False) for r in latency]))
+            print(table_text(LATENCY_HEADERS, [latency_cells(r, markdown=False) for r in latency]))
             print()
-            print(text_table(FANOUT_HEADERS, [fanout_cells(r) for r in fanout]))
+            print(table_text(FANOUT_HEADERS, [fanout_cells(r) for r in fanout]))
             print()
             for v in results:
                 print(f"{v.word}: {v.target}: {v.measured}")
@@ -1128,6 +1168,8 @@ def main() -> int:
             _progress("interrupted; stopping everything")
             return 130
         finally:
+            for client in clients.values():
+                client.close()
             if bench is not None:
                 bench.stop()
             if keep:

@@ -12,6 +12,13 @@ Setups:
   ``pgbench -i`` (faster than loading through the proxy) and then loses the accounts it does
   not own, then ``VACUUM FULL ANALYZE``.
 
+Next to them, with no proxy (``direct.point_queries``, one Python client, psycopg, the same
+length as a pgbench run): pgbench -S's point query against the single server, against s1 alone
+(keys of s1 only) and against s1 and s2, each query sent to the shard of a random aid, the way
+the sharded proxy routes. pgbench talks to one server only, so it cannot alternate. This
+answers whether alternating between two servers costs this machine per-query latency by
+itself, before any proxy.
+
 Usage: ``.venv/bin/python bench/sharded.py``. Environment: BENCH_SECONDS (length of one
 pgbench run, default 10), BENCH_ROUNDS (default 3), BENCH_KEEP=1 to keep the work directory.
 
@@ -28,7 +35,6 @@ import shutil
 import signal
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -37,8 +43,9 @@ from typing import Any
 
 import psycopg
 import report
-from pgbench_run import PgbenchResult, Target, initialise, run_select_only
-from report import Workload, write_json
+from direct import KeyRange, PointResult, Server, point_queries
+from pgbench_run import PgbenchResult, Target, initialise, run_select_only, warm_up
+from report import Workload, ms, num, percent, round3, table_markdown, table_text, write_json
 from run import (
     DATABASE,
     DOCS,
@@ -67,32 +74,36 @@ ACCOUNTS = 100_000 * SCALE
 SPLIT = ACCOUNTS // 2 + 1  # first aid on s2: 500001 at scale 10
 START_MARKER = "<!-- bench:sharded:start -->"
 END_MARKER = "<!-- bench:sharded:end -->"
-ROUTE_CHECK = "SHOW ROUTE FOR SELECT abalance FROM pgbench_accounts WHERE aid = 600000"
+ROUTE_SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = 600000"
+ROUTE_CHECK = f"SHOW ROUTE FOR {ROUTE_SQL}"
+# The direct runs, no proxy: which servers one Python client queries.
+DIRECT_SINGLE, DIRECT_S1, DIRECT_BOTH = "single", "s1", "s1+s2"
+DIRECT_SETUPS = (DIRECT_SINGLE, DIRECT_S1, DIRECT_BOTH)
+PROTOCOLS = ("simple", "prepared")
 
 
 @dataclass(frozen=True, slots=True)
 class Row(report.Row):
     """One workload's results; the targets here are the two setups."""
 
-    @property
-    def ratio(self) -> float | None:
-        """Sharded ÷ one-shard TPS, within each round, then the median."""
+    def tps_ratio(self, setup: str) -> float | None:
+        """``setup`` ÷ one-shard TPS, within each round, then the median."""
 
         def ratio(r: Mapping[str, PgbenchResult]) -> float | None:
-            ours, base = r[SHARDED].tps, r[ONE_SHARD].tps
+            ours, base = r[setup].tps, r[ONE_SHARD].tps
             return None if ours is None or not base else ours / base
 
         return self.median(ratio)
+
+    @property
+    def ratio(self) -> float | None:
+        """Sharded ÷ one-shard TPS: the target."""
+        return self.tps_ratio(SHARDED)
 
     @property
     def routed_ratio(self) -> float | None:
-        """Routed ÷ one-shard TPS (one server either way: what routing costs), per round."""
-
-        def ratio(r: Mapping[str, PgbenchResult]) -> float | None:
-            ours, base = r[ROUTED].tps, r[ONE_SHARD].tps
-            return None if ours is None or not base else ours / base
-
-        return self.median(ratio)
+        """Routed ÷ one-shard TPS (one server either way: what routing costs)."""
+        return self.tps_ratio(ROUTED)
 
     def failures(self, setup: str) -> int:
         return sum(
@@ -103,6 +114,57 @@ class Row(report.Row):
     @property
     def name(self) -> str:
         return f"{BENCHMARK}/{self.workload.protocol}/c{self.workload.clients}"
+
+
+@dataclass(frozen=True, slots=True)
+class DirectRow:
+    """One protocol's direct runs (no proxy), one {setup: result} per round."""
+
+    protocol: str
+    rounds: tuple[Mapping[str, PointResult], ...]
+
+    def median(self, pick: Callable[[Mapping[str, PointResult]], float | None]) -> float | None:
+        return report.median_of(pick(r) for r in self.rounds)
+
+    def qps(self, setup: str) -> float | None:
+        return self.median(lambda r: r[setup].qps)
+
+    def p50(self, setup: str) -> float | None:
+        return self.median(lambda r: r[setup].p50_ms)
+
+    def p99(self, setup: str) -> float | None:
+        return self.median(lambda r: r[setup].p99_ms)
+
+    def p50_ratio(self, setup: str, base: str) -> float | None:
+        """``setup`` ÷ ``base`` p50, within each round, then the median."""
+
+        def ratio(r: Mapping[str, PointResult]) -> float | None:
+            ours, theirs = r[setup].p50_ms, r[base].p50_ms
+            return None if ours is None or not theirs else ours / theirs
+
+        return self.median(ratio)
+
+    def added_us(self, setup: str, base: str) -> float | None:
+        """How much later than ``base``'s the median query finished, in µs, per round."""
+
+        def added(r: Mapping[str, PointResult]) -> float | None:
+            ours, theirs = r[setup].p50_ms, r[base].p50_ms
+            return None if ours is None or theirs is None else (ours - theirs) * 1000
+
+        return self.median(added)
+
+    def s1_share(self) -> float | None:
+        """The share of the alternating queries that went to s1 (about half, if random)."""
+
+        def share(r: Mapping[str, PointResult]) -> float | None:
+            counts = r[DIRECT_BOTH].per_server
+            return counts[0] / sum(counts) if sum(counts) else None
+
+        return self.median(share)
+
+    @property
+    def name(self) -> str:
+        return f"{BENCHMARK}/direct/{self.protocol}"
 
 
 def main() -> int:
@@ -215,8 +277,20 @@ def main() -> int:
         if not _route_ok(route_before):
             raise RuntimeError(f"routing is not what the map says: {_route_text(route_before)}")
 
-        results = _run_rounds(targets, seconds=seconds, rounds=rounds, logs=workdir / "logs")
+        servers = {c: Server(c.host, c.port) for c in clusters}
+        ranges = {
+            DIRECT_SINGLE: [KeyRange(servers[single], 1, ACCOUNTS + 1)],
+            DIRECT_S1: [KeyRange(servers[s1], 1, SPLIT)],
+            DIRECT_BOTH: [
+                KeyRange(servers[s1], 1, SPLIT),
+                KeyRange(servers[s2], SPLIT, ACCOUNTS + 1),
+            ],
+        }
+        results, direct = _run_rounds(
+            targets, ranges, seconds=seconds, rounds=rounds, logs=workdir / "logs"
+        )
         rows = [Row(w, tuple(results[w])) for w in WORKLOADS]
+        direct_rows = [DirectRow(p, tuple(direct[p])) for p in PROTOCOLS]
         route_after = _show_route(targets[SHARDED])
         route_line = (
             f"`{ROUTE_CHECK}` through the sharded proxy, before the runs (a wrong answer stops "
@@ -227,20 +301,30 @@ def main() -> int:
         env = _describe(single, seconds=seconds, rounds=rounds, loadavg=loadavg, counts=counts)
         notes = _notes(rows, proxies)
 
-        print(text_table(rows))
+        print(table_text(HEADERS, [cells(r) for r in rows], right=range(1, 7)))
+        print()
+        print(
+            table_text(DIRECT_HEADERS, [direct_cells(r) for r in direct_rows], right=range(1, 10))
+        )
         print()
         print(route_line)
         for note in notes:
             print(f"note: {note}")
-        write_json(RESULTS / "sharded.json", json_rows(rows))
-        report.write_docs(DOCS, markdown_section(rows, env=env, route_line=route_line, notes=notes))
+        write_json(RESULTS / "sharded.json", json_rows(rows) + direct_json(direct_rows))
+        report.write_docs(
+            DOCS,
+            markdown_section(rows, direct_rows, env=env, route_line=route_line, notes=notes),
+        )
         _progress(f"wrote {RESULTS / 'sharded.json'} and {DOCS}")
         return 0 if _route_ok(route_after) else 1
     except KeyboardInterrupt:
         _progress("interrupted; stopping everything")
         return 130
     finally:
-        _stop(proxies, clusters)
+        report.stop_all([
+            *(p.stop for p in proxies),
+            (lambda: stop_clusters(clusters, mode="immediate")) if clusters else None,
+        ])  # fmt: skip
         if keep:
             _progress(f"kept {workdir}")
         else:
@@ -260,23 +344,11 @@ def _keep_accounts(cluster: PostgresCluster, not_owned: str) -> None:
 
 
 def _show_route(target: Target) -> dict[str, str]:
-    with psycopg.connect(
-        host=target.host, port=target.port, user=USER, dbname=DATABASE, autocommit=True,
-        connect_timeout=10,
-    ) as conn:  # fmt: skip
-        cursor = conn.execute(ROUTE_CHECK)
-        row = cursor.fetchone()
-        names = [d.name for d in cursor.description or ()]
-    if row is None:
-        return {}
-    return {
-        name: "" if value is None else str(value) for name, value in zip(names, row, strict=True)
-    }
+    return report.show_route(target.host, target.port, ROUTE_SQL, user=USER, database=DATABASE)
 
 
 def _route_ok(route: Mapping[str, str]) -> bool:
-    shards = route.get("shards", "").replace("{", " ").replace("}", " ").replace(",", " ")
-    return route.get("route") == "single" and shards.split() == ["s2"]
+    return route.get("route") == "single" and report.route_shards(route) == ["s2"]
 
 
 def _route_text(route: Mapping[str, str]) -> str:
@@ -284,25 +356,30 @@ def _route_text(route: Mapping[str, str]) -> str:
 
 
 def _run_rounds(
-    targets: Mapping[str, Target], *, seconds: int, rounds: int, logs: Path
-) -> dict[Workload, list[dict[str, PgbenchResult]]]:
-    """Every workload against every setup, round after round, the order rotating."""
-    for name in SETUPS:
-        _progress(f"warm-up {name}")
-        run_select_only(
-            targets[name], protocol="simple", clients=8, seconds=min(seconds, WARMUP_SECONDS),
-            log_dir=logs, user=USER, database=DATABASE, tag=f"warmup-{name}",
-        )  # fmt: skip
+    targets: Mapping[str, Target],
+    ranges: Mapping[str, Sequence[KeyRange]],
+    *,
+    seconds: int,
+    rounds: int,
+    logs: Path,
+) -> tuple[dict[Workload, list[dict[str, PgbenchResult]]], dict[str, list[dict[str, PointResult]]]]:
+    """Every workload against every setup, then the direct runs of each protocol against
+    each set of servers, round after round, the order rotating."""
+    warm_up([targets[name] for name in SETUPS], seconds=min(seconds, WARMUP_SECONDS),
+            log_dir=logs, user=USER, database=DATABASE)  # fmt: skip
+    for name in DIRECT_SETUPS:
+        _progress(f"warm-up direct {name}")
+        point_queries(ranges[name], protocol="prepared", seconds=min(seconds, WARMUP_SECONDS),
+                      user=USER, database=DATABASE)  # fmt: skip
     results: dict[Workload, list[dict[str, PgbenchResult]]] = {w: [] for w in WORKLOADS}
-    total = rounds * len(WORKLOADS) * len(SETUPS)
-    done = 0
-    started = time.monotonic()
+    direct: dict[str, list[dict[str, PointResult]]] = {p: [] for p in PROTOCOLS}
+    progress = report.Progress(
+        rounds * (len(WORKLOADS) * len(SETUPS) + len(PROTOCOLS) * len(DIRECT_SETUPS))
+    )
     for number in range(rounds):
         for index, workload in enumerate(WORKLOADS):
-            shift = (number + index) % len(SETUPS)
-            order = SETUPS[shift:] + SETUPS[:shift]
             this_round: dict[str, PgbenchResult] = {}
-            for name in order:
+            for name in report.rotate(SETUPS, number + index):
                 result = run_select_only(
                     targets[name],
                     protocol=workload.protocol,
@@ -314,13 +391,28 @@ def _run_rounds(
                     tag=f"r{number + 1}-{workload.protocol}-c{workload.clients}-{name}",
                 )
                 this_round[name] = result
-                done += 1
-                _progress(
-                    f"[{done}/{total} {time.monotonic() - started:.0f}s] round {number + 1} "
-                    f"{workload.protocol} c{workload.clients} {name}: {_brief(name, result)}"
+                progress(
+                    f"round {number + 1} {workload.protocol} c{workload.clients} {name}: "
+                    + _brief(name, result)
                 )
             results[workload].append(this_round)
-    return results
+        for index, protocol in enumerate(PROTOCOLS):
+            points: dict[str, PointResult] = {}
+            for name in report.rotate(DIRECT_SETUPS, number + index):
+                points[name] = point_queries(
+                    ranges[name], protocol=protocol, seconds=seconds, user=USER, database=DATABASE
+                )
+                progress(
+                    f"round {number + 1} direct {protocol} c1 {name}: " + _point_brief(points[name])
+                )
+            direct[protocol].append(points)
+    return results, direct
+
+
+def _point_brief(result: PointResult) -> str:
+    qps = "no queries" if result.qps is None else f"{result.qps:,.0f} queries/s"
+    servers = " / ".join(f"{n:,}" for n in result.per_server)
+    return f"{qps}, p50 {ms(result.p50_ms)} ms, p99 {ms(result.p99_ms)} ms, per server {servers}"
 
 
 def _notes(rows: Sequence[Row], proxies: Sequence[ProxyProcess]) -> list[str]:
@@ -337,15 +429,9 @@ def _notes(rows: Sequence[Row], proxies: Sequence[ProxyProcess]) -> list[str]:
                     + ("; ".join(f"{n}× `{t}`" for t, n in row.errors(setup)) or "none printed")
                 )
     for name, proxy in zip(SETUPS, proxies, strict=True):
-        warnings = [
-            line for line in proxy.log_tail(100_000).splitlines()
-            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
-        ]  # fmt: skip
-        if warnings:
-            notes.append(
-                f"the {name} Shardwire logged {len(warnings)} warnings or errors; "
-                f"the first: {warnings[0]}"
-            )
+        note = report.proxy_log_note(f"the {name} Shardwire", proxy)
+        if note:
+            notes.append(note)
     return notes
 
 
@@ -357,21 +443,13 @@ def _describe(
     loadavg: str,
     counts: Mapping[str, int],
 ) -> dict[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )  # fmt: skip
-    meminfo = Path("/proc/meminfo").read_text().split()
-    memory_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{len(os.sched_getaffinity(0))} cores, {cpu}, {memory_gib:.1f} GiB RAM, "
-        f"Linux {platform.release()}",
+        "machine": report.machine_line(),
         "software": "PostgreSQL "
         + cluster.sql("SHOW server_version")
-        + f", Python {platform.python_version()}, Shardwire {shardwire.__version__}",
+        + f", Python {platform.python_version()}, Shardwire {shardwire.__version__} "
+        f"({report.shardwire_source()})",
         "seconds": str(seconds),
         "rounds": str(rounds),
         "loadavg": loadavg,
@@ -381,14 +459,6 @@ def _describe(
 
 
 # --- output -------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
 
 
 def _verdict(row: Row) -> str:
@@ -403,52 +473,65 @@ HEADERS = (
     "sharded/one-shard", "p50 ms one/sharded", "p99 ms one/sharded", "failed one/sharded",
     f"≥ {RATIO_TARGET}",
 )  # fmt: skip
-NUMERIC = range(1, 7)  # right-aligned columns
 
 
 def cells(row: Row) -> list[str]:
     return [
         row.workload.protocol,
         str(row.workload.clients),
-        _num(row.tps(ONE_SHARD)),
-        _num(row.tps(ROUTED)),
-        _num(row.tps(SHARDED)),
-        _num(row.routed_ratio, 2),
-        _num(row.ratio, 2),
-        f"{_ms(row.p50(ONE_SHARD))} / {_ms(row.p50(SHARDED))}",
-        f"{_ms(row.p99(ONE_SHARD))} / {_ms(row.p99(SHARDED))}",
+        num(row.tps(ONE_SHARD)),
+        num(row.tps(ROUTED)),
+        num(row.tps(SHARDED)),
+        num(row.routed_ratio, 2),
+        num(row.ratio, 2),
+        f"{ms(row.p50(ONE_SHARD))} / {ms(row.p50(SHARDED))}",
+        f"{ms(row.p99(ONE_SHARD))} / {ms(row.p99(SHARDED))}",
         f"{row.failures(ONE_SHARD)} / {row.failures(SHARDED)}",
         _verdict(row),
     ]
 
 
-def text_table(rows: Sequence[Row]) -> str:
-    table = [list(HEADERS), *(cells(r) for r in rows)]
-    widths = [max(len(line[i]) for line in table) for i in range(len(HEADERS))]
-    out = []
-    for n, line in enumerate(table):
-        out.append(
-            "  ".join(
-                c.rjust(w) if i in NUMERIC and n else c.ljust(w)
-                for i, (c, w) in enumerate(zip(line, widths, strict=True))
-            ).rstrip()
-        )
-        if n == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return "\n".join(out)
+DIRECT_HEADERS = (
+    "protocol", "queries/s single", "queries/s s1", "queries/s s1+s2",
+    "p50 ms single / s1 / s1+s2", "p99 ms single / s1 / s1+s2", "s1+s2 ÷ single p50",
+    "+p50 µs s1+s2 vs single", "+p50 µs s1+s2 vs s1", "on s1",
+)  # fmt: skip
 
 
-def markdown_table(rows: Sequence[Row]) -> str:
-    out = [
-        "| " + " | ".join(HEADERS) + " |",
-        "| --- | " + " | ".join(["---:"] * (len(HEADERS) - 2)) + " | --- |",
+def direct_cells(row: DirectRow) -> list[str]:
+    return [
+        row.protocol,
+        *(num(row.qps(s)) for s in DIRECT_SETUPS),
+        " / ".join(ms(row.p50(s)) for s in DIRECT_SETUPS),
+        " / ".join(ms(row.p99(s)) for s in DIRECT_SETUPS),
+        num(row.p50_ratio(DIRECT_BOTH, DIRECT_SINGLE), 2),
+        num(row.added_us(DIRECT_BOTH, DIRECT_SINGLE), 1),
+        num(row.added_us(DIRECT_BOTH, DIRECT_S1), 1),
+        percent(row.s1_share()),
     ]
-    out += ["| " + " | ".join(cells(r)) + " |" for r in rows]
-    return "\n".join(out)
 
 
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
+def direct_json(rows: Sequence[DirectRow]) -> list[dict[str, Any]]:
+    keys = {DIRECT_SINGLE: "single", DIRECT_S1: "s1", DIRECT_BOTH: "s1_s2"}
+    out = []
+    for row in rows:
+        item: dict[str, Any] = {"name": row.name, "protocol": row.protocol, "clients": 1}
+        for setup in DIRECT_SETUPS:
+            item[f"{keys[setup]}_qps"] = round3(row.qps(setup))
+            item[f"{keys[setup]}_p50_ms"] = round3(row.p50(setup))
+            item[f"{keys[setup]}_p99_ms"] = round3(row.p99(setup))
+        item["s1_s2_to_single_p50"] = round3(row.p50_ratio(DIRECT_BOTH, DIRECT_SINGLE))
+        item["s1_s2_added_p50_us_vs_single"] = round3(row.added_us(DIRECT_BOTH, DIRECT_SINGLE))
+        item["s1_s2_added_p50_us_vs_s1"] = round3(row.added_us(DIRECT_BOTH, DIRECT_S1))
+        item["rounds"] = [
+            {keys[s]: {"queries": r[s].queries, "seconds": round3(r[s].seconds),
+                       "p50_ms": round3(r[s].p50_ms), "p99_ms": round3(r[s].p99_ms),
+                       "per_server": list(r[s].per_server)}
+             for s in DIRECT_SETUPS}
+            for r in row.rounds
+        ]  # fmt: skip
+        out.append(item)
+    return out
 
 
 def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
@@ -457,18 +540,23 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "name": row.name,
             "protocol": row.workload.protocol,
             "clients": row.workload.clients,
-            "one_shard_tps": _round3(row.tps(ONE_SHARD)),
-            "routed_tps": _round3(row.tps(ROUTED)),
-            "sharded_tps": _round3(row.tps(SHARDED)),
-            "routed_ratio": _round3(row.routed_ratio),
-            "ratio": _round3(row.ratio),
+            "one_shard_tps": round3(row.tps(ONE_SHARD)),
+            "routed_tps": round3(row.tps(ROUTED)),
+            "sharded_tps": round3(row.tps(SHARDED)),
+            "routed_ratio": round3(row.routed_ratio),
+            "ratio": round3(row.ratio),
         }
         for row in rows
     ]
 
 
 def markdown_section(
-    rows: Sequence[Row], *, env: Mapping[str, str], route_line: str, notes: Sequence[str]
+    rows: Sequence[Row],
+    direct: Sequence[DirectRow],
+    *,
+    env: Mapping[str, str],
+    route_line: str,
+    notes: Sequence[str],
 ) -> str:
     plural = "" if env["rounds"] == "1" else "s"
     parts = [
@@ -499,7 +587,23 @@ def markdown_section(
         "is computed within each round, then the median taken. *failed* counts failed "
         "transactions, aborted clients and non-zero exits over all rounds.",
         "",
-        markdown_table(rows),
+        table_markdown(HEADERS, [cells(r) for r in rows], text=(0, len(HEADERS) - 1)),
+        "",
+        "Direct, no proxy: one Python client (psycopg "
+        f"{psycopg.__version__}, one query after the other, BENCH_SECONDS per run, in the same "
+        "rounds, the order rotating) sends pgbench -S's point query with a uniformly random "
+        "aid (`-M simple`: the text with the aid in it, simple query protocol; `-M prepared`: "
+        "a statement prepared once per connection, the aid as its parameter) to *single* (all "
+        "accounts), to *s1* alone (aids of s1 only), or to *s1+s2*: to whichever shard holds "
+        "the aid, so the server changes at random from one query to the next, as through the "
+        "sharded proxy (pgbench talks to one server only). *+p50* is how much later than the "
+        "other's the median query finished, within each round, then the median; *on s1* the "
+        "share of the s1+s2 queries that went to s1. These rows show whether alternating "
+        "between two PostgreSQL servers costs this machine per-query latency by itself, "
+        "with no proxy in between; *s1* tells that apart from a difference between the "
+        "servers (s1 holds half the accounts).",
+        "",
+        table_markdown(DIRECT_HEADERS, [direct_cells(r) for r in direct], text=(0,)),
         "",
         f"Routing check: {route_line}.",
     ]
@@ -507,20 +611,6 @@ def markdown_section(
         parts += ["", "Notes:", "", *(f"- {n}" for n in notes)]
     parts.append(END_MARKER)
     return "\n".join(parts) + "\n"
-
-
-def _stop(proxies: Sequence[ProxyProcess], clusters: Sequence[PostgresCluster]) -> None:
-    # Each in turn, whatever the one before did: nothing may outlive the benchmark.
-    stops: list[Callable[[], None]] = [p.stop for p in proxies]
-    if clusters:
-        stops.append(lambda: stop_clusters(clusters, mode="immediate"))
-    for stop in stops:
-        try:
-            stop()
-        except KeyboardInterrupt:
-            stop()
-        except Exception as exc:  # report it and go on stopping the rest
-            _progress(f"while stopping: {exc}")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -74,7 +73,18 @@ from pgbench_run import (
     percentile_ms,
     pgbench_program,
 )
-from report import Workload, write_json
+from report import (
+    Workload,
+    median_of,
+    ms,
+    num,
+    percent,
+    rotate,
+    round3,
+    table_markdown,
+    table_text,
+    write_json,
+)
 from run import (
     DATABASE,
     DOCS,
@@ -89,7 +99,7 @@ from run import (
     _loadavg,
     _progress,
 )
-from scatter import Machine, Verdict, markdown_table, text_table
+from scatter import Machine, Verdict
 
 import shardwire
 from shardwire.testing import PostgresCluster, pg_bindir, start_clusters, stop_clusters
@@ -344,26 +354,14 @@ class Bench:
         return None if proxy is None or proxy.proc is None else int(proxy.proc.pid)
 
     def postmasters(self) -> list[int]:
-        pids = []
-        for cluster in self.clusters:
-            try:
-                pids.append(int((cluster.data_dir / "postmaster.pid").read_text().split()[0]))
-            except (OSError, ValueError, IndexError):
-                pass
-        return pids
+        pids = (report.postmaster_pid(cluster) for cluster in self.clusters)
+        return [pid for pid in pids if pid is not None]
 
     def stop(self) -> None:
-        # Each in turn, whatever the one before did: nothing may outlive the benchmark.
-        stops: list[Callable[[], None]] = [p.stop for p in self.proxies.values()]
-        if self.clusters:
-            stops.append(lambda: stop_clusters(self.clusters, mode="immediate"))
-        for stop in stops:
-            try:
-                stop()
-            except KeyboardInterrupt:
-                stop()
-            except Exception as exc:  # report it and go on stopping the rest
-                _progress(f"while stopping: {exc}")
+        report.stop_all([
+            *(p.stop for p in self.proxies.values()),
+            (lambda: stop_clusters(self.clusters, mode="immediate")) if self.clusters else None,
+        ])  # fmt: skip
 
 
 def _fill(cluster: PostgresCluster) -> None:
@@ -454,25 +452,7 @@ def build(workdir: Path) -> Bench:
 
 
 def _connect(target: Target) -> psycopg.Connection[Any]:
-    return psycopg.connect(
-        host=target.host, port=target.port, user=USER, dbname=DATABASE, autocommit=True,
-        connect_timeout=10,
-    )  # fmt: skip
-
-
-def show_route(target: Target, sql: str) -> dict[str, str]:
-    with _connect(target) as conn:
-        cursor = conn.execute(f"SHOW ROUTE FOR {sql}")
-        row = cursor.fetchone()
-        names = [d.name for d in cursor.description or ()]
-    if row is None:
-        return {}
-    return {n: "" if v is None else str(v) for n, v in zip(names, row, strict=True)}
-
-
-def _route_shards(route: Mapping[str, str]) -> list[str]:
-    text = route.get("shards", "")
-    return sorted(text.replace("{", " ").replace("}", " ").replace(",", " ").split())
+    return report.connect(target.host, target.port, user=USER, database=DATABASE)
 
 
 def tpcb_statements(aid: int, tid: int, bid: int) -> list[str]:
@@ -512,8 +492,8 @@ def check_before(bench: Bench) -> list[str]:
         ("s2", (AID_SPLIT, TID_SPLIT, BID_SPLIT)),
     ):
         for sql in tpcb_statements(aid, tid, bid):
-            route = show_route(sharded, sql)
-            if route.get("route") != "single" or _route_shards(route) != [shard]:
+            route = report.show_route(sharded.host, sharded.port, sql, user=USER, database=DATABASE)
+            if route.get("route") != "single" or report.route_shards(route) != [shard]:
                 raise RuntimeError(f"{sql!r} should run on {shard} alone: {route}")
             checked += 1
     lines.append(
@@ -624,11 +604,6 @@ def wal_since(cluster: PostgresCluster, start: str) -> dict[str, int] | None:
     return wal_records(result.stdout)
 
 
-def _rotate(items: Sequence[str], shift: int) -> list[str]:
-    shift %= len(items)
-    return list(items[shift:]) + list(items[:shift])
-
-
 @dataclass
 class Runner:
     bench: Bench
@@ -713,17 +688,18 @@ def run_rounds(
         for index, workload in enumerate(WORKLOADS):
             name = f"r{number + 1}-{workload.protocol}-c{workload.clients}"
             this: dict[str, Run] = {}
-            for variant in _rotate(TRANSFERS, number + index):
+            for variant in rotate(TRANSFERS, number + index):
                 this[variant] = runner.measure(SHARDED, workload, variant=variant,
                                                tag=f"{name}-{variant}")  # fmt: skip
                 progress(number, workload, variant, this[variant])
             transfers[workload].append(this)
             this = {}
-            for setup in _rotate(TPCB_SETUPS, number + index):
+            for setup in rotate(TPCB_SETUPS, number + index):
                 this[setup] = runner.measure(setup, workload, variant=None,
                                              tag=f"{name}-tpcb-{setup}")  # fmt: skip
-                if this[setup].scale is not None:
-                    scales.add(this[setup].scale)
+                scale = this[setup].scale
+                if scale is not None:
+                    scales.add(scale)
                 progress(number, workload, f"TPC-B {setup}", this[setup])
             tpcb[workload].append(this)
     return transfers, tpcb, scales
@@ -751,11 +727,6 @@ def _brief(run: Run) -> str:
 # --- rows and targets ---------------------------------------------------------------------
 
 
-def _median(values: Iterable[float | None]) -> float | None:
-    known = [v for v in values if v is not None]
-    return statistics.median(known) if known else None
-
-
 @dataclass(frozen=True, slots=True)
 class Row:
     """One workload (protocol, clients): a run per setup in each round."""
@@ -765,7 +736,7 @@ class Row:
     rounds: tuple[Mapping[str, Run], ...]
 
     def median(self, pick: Callable[[Mapping[str, Run]], float | None]) -> float | None:
-        return _median(pick(r) for r in self.rounds)
+        return median_of(pick(r) for r in self.rounds)
 
     def tps(self, setup: str) -> float | None:
         return self.median(lambda r: r[setup].tps)
@@ -846,8 +817,8 @@ def transfer_verdict(row: Row) -> Verdict | None:
         return Verdict(
             f"{row.label()}: p50 of a two-shard write transaction (2PC) ≤ {LATENCY_TARGET}× the "
             "same two UPDATEs on one shard",
-            "—" if ratio is None else f"{ratio:.2f}× ({_ms(row.p50(CROSS))} ms against "
-            f"{_ms(row.p50(SAME))} ms, medians)",
+            "—" if ratio is None else f"{ratio:.2f}× ({ms(row.p50(CROSS))} ms against "
+            f"{ms(row.p50(SAME))} ms, medians)",
             None if ratio is None else ratio <= LATENCY_TARGET,
         )
     if c == 8:
@@ -855,26 +826,14 @@ def transfer_verdict(row: Row) -> Verdict | None:
         return Verdict(
             f"{row.label()}: TPS of two-shard write transactions (2PC) ≥ {TPS_TARGET}× the "
             "same two UPDATEs on one shard",
-            "—" if ratio is None else f"{ratio:.2f}× ({_num(row.tps(CROSS))} against "
-            f"{_num(row.tps(SAME))} tps, medians)",
+            "—" if ratio is None else f"{ratio:.2f}× ({num(row.tps(CROSS))} against "
+            f"{num(row.tps(SAME))} tps, medians)",
             None if ratio is None else ratio >= TPS_TARGET,
         )
     return None
 
 
 # --- output --------------------------------------------------------------------------------
-
-
-def _num(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def _ms(value: float | None) -> str:
-    return "—" if value is None else f"{value:.3f}"
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.0f}%"
 
 
 TRANSFER_HEADERS = (
@@ -896,18 +855,18 @@ def transfer_cells(row: Row) -> list[str]:
     return [
         row.workload.protocol,
         str(row.workload.clients),
-        _num(row.tps(SAME)),
-        _num(row.tps(CROSS)),
-        _num(row.tps_ratio(CROSS, SAME), 2),
-        f"{_ms(row.p50(SAME))} / {_ms(row.p50(CROSS))}",
-        _num(row.p50_ratio(CROSS, SAME), 2),
-        f"{_ms(row.p99(SAME))} / {_ms(row.p99(CROSS))}",
-        f"{_ms(row.script_p50(SAME, 0))} / {_ms(row.script_p50(SAME, 1))}",
-        f"{_pct(row.two_phase_share(SAME))} / {_pct(row.two_phase_share(CROSS))}",
+        num(row.tps(SAME)),
+        num(row.tps(CROSS)),
+        num(row.tps_ratio(CROSS, SAME), 2),
+        f"{ms(row.p50(SAME))} / {ms(row.p50(CROSS))}",
+        num(row.p50_ratio(CROSS, SAME), 2),
+        f"{ms(row.p99(SAME))} / {ms(row.p99(CROSS))}",
+        f"{ms(row.script_p50(SAME, 0))} / {ms(row.script_p50(SAME, 1))}",
+        f"{percent(row.two_phase_share(SAME))} / {percent(row.two_phase_share(CROSS))}",
         f"{row.failures(SAME)} / {row.failures(CROSS)}",
-        f"{_pct(row.proxy_cpu(SAME))} / {_pct(row.proxy_cpu(CROSS))}",
-        f"{_num(row.proxy_us(SAME))} / {_num(row.proxy_us(CROSS))}",
-        _pct(row.other_cpu()),
+        f"{percent(row.proxy_cpu(SAME))} / {percent(row.proxy_cpu(CROSS))}",
+        f"{num(row.proxy_us(SAME))} / {num(row.proxy_us(CROSS))}",
+        percent(row.other_cpu()),
         target,
     ]
 
@@ -923,28 +882,24 @@ def tpcb_cells(row: Row) -> list[str]:
     return [
         row.workload.protocol,
         str(row.workload.clients),
-        _num(row.tps(DIRECT)),
-        _num(row.tps(ONE_SHARD)),
-        _num(row.tps(SHARDED)),
-        _num(row.tps_ratio(SHARDED, DIRECT), 2),
-        _num(row.tps_ratio(SHARDED, ONE_SHARD), 2),
-        " / ".join(_ms(row.p50(s)) for s in TPCB_SETUPS),
-        " / ".join(_ms(row.p99(s)) for s in TPCB_SETUPS),
-        _pct(row.two_phase_share(SHARDED)),
+        num(row.tps(DIRECT)),
+        num(row.tps(ONE_SHARD)),
+        num(row.tps(SHARDED)),
+        num(row.tps_ratio(SHARDED, DIRECT), 2),
+        num(row.tps_ratio(SHARDED, ONE_SHARD), 2),
+        " / ".join(ms(row.p50(s)) for s in TPCB_SETUPS),
+        " / ".join(ms(row.p99(s)) for s in TPCB_SETUPS),
+        percent(row.two_phase_share(SHARDED)),
         " / ".join(row.failures(s) for s in TPCB_SETUPS),
-        f"{_pct(row.proxy_cpu(ONE_SHARD))} / {_pct(row.proxy_cpu(SHARDED))}",
-        f"{_num(row.proxy_us(ONE_SHARD))} / {_num(row.proxy_us(SHARDED))}",
-        _pct(row.other_cpu()),
+        f"{percent(row.proxy_cpu(ONE_SHARD))} / {percent(row.proxy_cpu(SHARDED))}",
+        f"{num(row.proxy_us(ONE_SHARD))} / {num(row.proxy_us(SHARDED))}",
+        percent(row.other_cpu()),
     ]
-
-
-def _round3(value: float | None) -> float | None:
-    return None if value is None else round(value, 3)
 
 
 def _run_json(run: Run) -> dict[str, Any]:
     return {
-        "tps": _round3(run.tps),
+        "tps": round3(run.tps),
         "transactions": run.transactions,
         "p50_ms": run.p50_ms,
         "p99_ms": run.p99_ms,
@@ -958,7 +913,7 @@ def _run_json(run: Run) -> dict[str, Any]:
         "two_phase_rolled_back": run.two_phase_aborted,
         "wal_records": None if run.wal is None else {k: dict(v) for k, v in run.wal.items()},
         "proxy_cpu_pct": None if run.proxy_cpu is None else round(run.proxy_cpu * 100, 1),
-        "proxy_us_per_transaction": _round3(run.proxy_us_per_transaction),
+        "proxy_us_per_transaction": round3(run.proxy_us_per_transaction),
         "other_cpu_pct": None if run.other_cpu is None else round(run.other_cpu * 100, 1),
         "errors": [{"message": t, "count": n} for t, n in run.errors],
     }
@@ -972,14 +927,14 @@ def _row_json(row: Row, part: str) -> dict[str, Any]:
     }
     for setup in row.setups:
         key = JSON_KEY[setup]
-        item[f"{key}_tps"] = _round3(row.tps(setup))
-        item[f"{key}_p50_ms"] = _round3(row.p50(setup))
-        item[f"{key}_p99_ms"] = _round3(row.p99(setup))
-        item[f"{key}_two_phase_share"] = _round3(row.two_phase_share(setup))
+        item[f"{key}_tps"] = round3(row.tps(setup))
+        item[f"{key}_p50_ms"] = round3(row.p50(setup))
+        item[f"{key}_p99_ms"] = round3(row.p99(setup))
+        item[f"{key}_two_phase_share"] = round3(row.two_phase_share(setup))
         item[f"{key}_failed"] = row.failures(setup)
         cpu = row.proxy_cpu(setup)
         item[f"{key}_proxy_cpu_pct"] = None if cpu is None else round(cpu * 100, 1)
-        item[f"{key}_proxy_us_per_transaction"] = _round3(row.proxy_us(setup))
+        item[f"{key}_proxy_us_per_transaction"] = round3(row.proxy_us(setup))
     item["rounds"] = [{JSON_KEY[s]: _run_json(r[s]) for s in row.setups} for r in row.rounds]
     return item
 
@@ -996,10 +951,10 @@ def json_document(
     two_updates = []
     for row in transfers:
         item = _row_json(row, "two-updates")
-        item["same_shard_p50_ms_on_s1"] = _round3(row.script_p50(SAME, 0))
-        item["same_shard_p50_ms_on_s2"] = _round3(row.script_p50(SAME, 1))
-        item["cross_to_same_tps"] = _round3(row.tps_ratio(CROSS, SAME))
-        item["cross_to_same_p50"] = _round3(row.p50_ratio(CROSS, SAME))
+        item["same_shard_p50_ms_on_s1"] = round3(row.script_p50(SAME, 0))
+        item["same_shard_p50_ms_on_s2"] = round3(row.script_p50(SAME, 1))
+        item["cross_to_same_tps"] = round3(row.tps_ratio(CROSS, SAME))
+        item["cross_to_same_p50"] = round3(row.p50_ratio(CROSS, SAME))
         verdict = transfer_verdict(row)
         item["target"] = verdict.target if verdict else None
         item["target_met"] = verdict.met if verdict else None
@@ -1007,8 +962,8 @@ def json_document(
     tpcb_rows = []
     for row in tpcb:
         item = _row_json(row, "tpcb")
-        item["sharded_to_direct_tps"] = _round3(row.tps_ratio(SHARDED, DIRECT))
-        item["sharded_to_one_shard_tps"] = _round3(row.tps_ratio(SHARDED, ONE_SHARD))
+        item["sharded_to_direct_tps"] = round3(row.tps_ratio(SHARDED, DIRECT))
+        item["sharded_to_one_shard_tps"] = round3(row.tps_ratio(SHARDED, ONE_SHARD))
         tpcb_rows.append(item)
     return {
         "benchmark": BENCHMARK,
@@ -1083,8 +1038,11 @@ def markdown_section(
         "take their locks in one order and never deadlock (the proxy would break a deadlock "
         "across shards with 40P01 after about a second).",
         "",
-        markdown_table(TRANSFER_HEADERS, [transfer_cells(r) for r in transfers],
-                       text=(0, len(TRANSFER_HEADERS) - 1)),  # fmt: skip
+        table_markdown(
+            TRANSFER_HEADERS,
+            [transfer_cells(r) for r in transfers],
+            text=(0, len(TRANSFER_HEADERS) - 1),
+        ),
         "",
         "### pgbench's TPC-B-like script on two shards",
         "",
@@ -1110,7 +1068,7 @@ def markdown_section(
         "its rows stay with their account (left unsharded, on s1, it would add s1 to 7 "
         "transactions in 8).",
         "",
-        markdown_table(TPCB_HEADERS, [tpcb_cells(r) for r in tpcb], text=(0,)),
+        table_markdown(TPCB_HEADERS, [tpcb_cells(r) for r in tpcb], text=(0,)),
         "",
         "Targets (issue 5, medians on this machine):",
         "",
@@ -1135,8 +1093,8 @@ def _notes(transfers: Sequence[Row], tpcb: Sequence[Row], bench: Bench) -> list[
             # Said only when the figures show it: it describes the proxy's handling of a
             # prepared BEGIN at the time of writing.
             notes.append(
-                f"{row.label()}: same-shard transactions on s2 took {_ms(on_s2)} ms at p50, on "
-                f"s1 {_ms(on_s1)} ms. pgbench -M prepared sends BEGIN as a prepared statement "
+                f"{row.label()}: same-shard transactions on s2 took {ms(on_s2)} ms at p50, on "
+                f"s1 {ms(on_s1)} ms. pgbench -M prepared sends BEGIN as a prepared statement "
                 "(Bind/Execute), which Shardwire sends to the default shard, s1, at once (a "
                 "simple-protocol BEGIN waits for the first statement and goes with it), so a "
                 "transaction whose rows are all on s2 also has s1 as a participant that only "
@@ -1167,59 +1125,27 @@ def _notes(transfers: Sequence[Row], tpcb: Sequence[Row], bench: Bench) -> list[
                             "read, so their two-phase commits are not counted"
                         )
     for name, proxy in bench.proxies.items():
-        warnings = [
-            line for line in proxy.log_tail(100_000).splitlines()
-            if " WARNING " in line or " ERROR " in line or " CRITICAL " in line
-        ]  # fmt: skip
-        if warnings:
-            notes.append(
-                f"the {name} Shardwire logged {len(warnings)} warnings or errors; "
-                f"the first: {warnings[0]}"
-            )
+        note = report.proxy_log_note(f"the {name} Shardwire", proxy)
+        if note:
+            notes.append(note)
     return notes
 
 
 def _describe(
     cluster: PostgresCluster, *, seconds: int, rounds: int, loadavg: str
 ) -> dict[str, str]:
-    cpuinfo = Path("/proc/cpuinfo").read_text()
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-         if line.startswith("model name")),
-        platform.processor() or "unknown CPU",
-    )  # fmt: skip
-    meminfo = Path("/proc/meminfo").read_text().split()
-    memory_gib = int(meminfo[meminfo.index("MemTotal:") + 1]) / 1024 / 1024
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{len(os.sched_getaffinity(0))} cores, {cpu}, {memory_gib:.1f} GiB RAM, "
-        f"Linux {platform.release()}",
+        "machine": report.machine_line(),
         "software": "PostgreSQL "
         + cluster.sql("SHOW server_version")
         + f", Python {platform.python_version()}, Shardwire {shardwire.__version__} "
-        f"({_shardwire_source()})",
+        f"({report.shardwire_source()})",
         "seconds": str(seconds),
         "rounds": str(rounds),
         "loadavg": loadavg,
         "loadavg_after": "",
     }
-
-
-def _shardwire_source() -> str:
-    """Which Shardwire ran (the proxies import the one this process imports): the
-    repository's revision, or the directory it came from when PYTHONPATH points elsewhere."""
-    package = Path(shardwire.__file__).resolve().parent
-    repo = DOCS.parent.parent.resolve()
-    if not package.is_relative_to(repo):
-        return f"imported from {package.parent}"
-    try:
-        revision = subprocess.run(
-            ["git", "-C", str(repo), "describe", "--always", "--dirty"],
-            capture_output=True, text=True, timeout=10,
-        ).stdout.strip()  # fmt: skip
-    except OSError:
-        revision = ""
-    return f"git {revision}" if revision else f"from {package.parent}"
 
 
 def write_scripts(directory: Path) -> dict[str, list[Path]]:
@@ -1276,9 +1202,9 @@ def main() -> int:
         verdicts = [v for v in (transfer_verdict(r) for r in transfers) if v is not None]
         notes = _notes(transfers, tpcb, bench)
 
-        print(text_table(TRANSFER_HEADERS, [transfer_cells(r) for r in transfers]))
+        print(table_text(TRANSFER_HEADERS, [transfer_cells(r) for r in transfers]))
         print()
-        print(text_table(TPCB_HEADERS, [tpcb_cells(r) for r in tpcb]))
+        print(table_text(TPCB_HEADERS, [tpcb_cells(r) for r in tpcb]))
         print()
         for v in verdicts:
             print(f"{v.word}: {v.target}: {v.measured}")
