@@ -137,11 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     from . import demo_data, health
     health.add_parser(sub)
     demo_data.add_parser(sub)
+    demo_data.add_load_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "health":
         return health.health_command(args)
     if args.command == "demo-data":
         return demo_data.demo_data_command(args)
+    if args.command == "demo-load":
+        return demo_data.demo_load_command(args)
     if args.command == "rebalance":
         return _rebalance(args)
     if args.command == "recover":

@@ -57,6 +57,7 @@ CONFIG_FILE = "shardwire.yaml"
 LOCK_FILE = "demo.lock"
 SHARD_PREFIX = "shard"
 LISTEN_HOST = "127.0.0.1"
+HEAT_FLUSH_INTERVAL = 5  # seconds per heat window (rebalance.heat_flush_interval)
 
 _CONFIG_HEADER = """\
 # Written by `shardwire demo` at every start: edits here are overwritten. Copy the file to
@@ -76,12 +77,14 @@ _CONFIG_HEADER = """\
 # table exists on every shard, each shard holding some of the rows. Ids come from
 # shardwire_next_id() (shardwire.ids), which no two shards repeat. No foreign keys: a product
 # is on its category's shard, not with the orders that name it, and a tenant's rows move
-# between shards when they are rebalanced.
+# between shards when they are rebalanced. The primary keys of a tenant's tables begin with
+# tenant_id: `shardwire rebalance apply` moves a tenant with logical replication, whose row
+# filter on tenant_id needs the key column in each table's replica identity.
 SAMPLE_TABLES = ("countries", "tenants", "customers", "products", "orders", "order_items",
                  "events", "users")
 # Part of the mark a loaded shard carries (a comment on its tenants table): a shard whose
 # mark differs (an older demo, another --shards) has everything loaded again.
-SAMPLE_VERSION = 3
+SAMPLE_VERSION = 4
 
 SCHEMA_SQL = """\
 CREATE TABLE countries (
@@ -98,11 +101,12 @@ CREATE TABLE tenants (
     created_at   timestamptz NOT NULL
 );
 CREATE TABLE customers (
-    customer_id  bigint PRIMARY KEY DEFAULT shardwire_next_id(),
+    customer_id  bigint NOT NULL DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
     name         text NOT NULL,
     email        text NOT NULL,
     country_code text NOT NULL,
+    PRIMARY KEY (tenant_id, customer_id),
     UNIQUE (tenant_id, email)
 );
 CREATE TABLE products (
@@ -114,12 +118,13 @@ CREATE TABLE products (
     price        numeric(10, 2) NOT NULL
 );
 CREATE TABLE orders (
-    order_id     bigint PRIMARY KEY DEFAULT shardwire_next_id(),
+    order_id     bigint NOT NULL DEFAULT shardwire_next_id(),
     tenant_id    bigint NOT NULL,
     order_no     integer NOT NULL,          -- the number the shop shows its customer
     customer_id  bigint NOT NULL,
     status       text NOT NULL,
     ordered_at   timestamptz NOT NULL,
+    PRIMARY KEY (tenant_id, order_id),
     UNIQUE (tenant_id, order_no)
 );
 CREATE TABLE order_items (
@@ -129,7 +134,7 @@ CREATE TABLE order_items (
     product_id   bigint NOT NULL,           -- on the shard of the product's category
     quantity     integer NOT NULL,
     unit_price   numeric(10, 2) NOT NULL,
-    PRIMARY KEY (order_id, line_no)
+    PRIMARY KEY (tenant_id, order_id, line_no)
 );
 CREATE TABLE events (
     event_id     bigint PRIMARY KEY DEFAULT shardwire_next_id(),
@@ -542,10 +547,14 @@ def _write_config(base: Path, port: int, clusters: list[PostgresCluster]) -> Con
         "default_shard": clusters[0].name,
         "catalog": clusters[0].dsn(CATALOG_DATABASE),
         "pool": {"size": 10},
+        # Heat windows of a few seconds, so that `shardwire rebalance status` sees a change
+        # of traffic soon (docs/rebalancing.md, walk-through); kept for an hour.
+        "rebalance": {"heat_flush_interval": HEAT_FLUSH_INTERVAL, "heat_retention": 3600},
     }
     path = base / CONFIG_FILE
+    names = [c.name for c in clusters]
     text = (_CONFIG_HEADER + "\n" + yaml.safe_dump(tree, sort_keys=False) + "\n"
-            + _sharding_yaml([c.name for c in clusters]))
+            + _sharding_yaml(names, _moved_keys(path, names)))
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -558,13 +567,43 @@ def _write_config(base: Path, port: int, clusters: list[PostgresCluster]) -> Con
     return config
 
 
-def _sharding_yaml(shards: list[str]) -> str:
-    """The demo's shard map, written out with comments: it is the example a reader opens."""
+def _moved_keys(path: Path, shards: list[str]) -> dict[str, dict[Any, str]]:
+    """The tenants and categories that `shardwire rebalance apply` placed in the config the
+    last run left (it rewrites the file when it moves them): {rule: {key: shard}}.
+
+    The file is rewritten at every start, but rows that were moved are on their new shard:
+    writing the map anew would send their queries to the old one. Empty when there is no
+    such file, it does not load, or it names other shards (the data is loaded afresh then)."""
+    if not path.exists():
+        return {}
+    try:
+        old = load_config(path)
+    except (ConfigError, OSError):
+        return {}
+    if list(old.shards) != shards:
+        return {}
+    out: dict[str, dict[Any, str]] = {}
+    for name in ("by_tenant", "by_category"):
+        rule = old.sharding.rules.get(name)
+        if rule is not None:
+            out[name] = {k: v for k, v in rule.values.items() if v in shards}
+    return out
+
+
+def _sharding_yaml(shards: list[str], moved: dict[str, dict[Any, str]] | None = None) -> str:
+    """The demo's shard map, written out with comments: it is the example a reader opens.
+    `moved`: tenants and categories whose shard differs from the demo's own placement
+    (`_moved_keys`)."""
     def spread(i: int) -> str:
         return shards[i % len(shards)]
 
-    tenants = ", ".join(f"{t}: {spread(t - 1)}" for t, *_ in TENANTS[:PLACED_TENANTS])
-    categories = ", ".join(f"{c}: {spread(i)}" for i, (c, _) in enumerate(CATEGORIES))
+    moved = moved or {}
+    placed_tenants: dict[Any, str] = {t: spread(t - 1) for t, *_ in TENANTS[:PLACED_TENANTS]}
+    placed_tenants.update(moved.get("by_tenant", {}))
+    placed_categories: dict[Any, str] = {c: spread(i) for i, (c, _) in enumerate(CATEGORIES)}
+    placed_categories.update(moved.get("by_category", {}))
+    tenants = ", ".join(f"{t}: {s}" for t, s in placed_tenants.items())
+    categories = ", ".join(f"{c}: {s}" for c, s in placed_categories.items())
     bounds: list[str | None] = [None, *QUARTERS, None]
     ranges = []
     for q in range(len(bounds) - 1):

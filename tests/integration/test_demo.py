@@ -424,3 +424,54 @@ def test_demo_refuses_a_taken_port(tmp_path: Path) -> None:
     assert "ready" not in result.stdout
     # It gave up before creating any server.
     assert not (tmp_path / "demo" / "shard1").exists()
+
+
+def test_demo_config_keeps_tenants_that_rebalance_moved(tmp_path: Path) -> None:
+    """`rebalance apply` rewrites the demo's config when it moves a tenant; the demo writes the
+    config anew at every start, and must keep the move (the rows are on the new shard)."""
+    from shardwire.demo import _write_config
+
+    clusters = [PostgresCluster(tmp_path / f"shard{i}", port=free_port(), name=f"shard{i}")
+                for i in (1, 2)]
+    first = _write_config(tmp_path, free_port(), clusters)
+    rule = first.sharding.rules["by_tenant"]
+    assert (rule.shard_for(3), rule.shard_for(8)) == ("shard1", "shard2")
+    path = tmp_path / "shardwire.yaml"
+    text = path.read_text()
+    # As apply leaves it: tenant 3 and tenant 8 (not listed before) on shard2, books on shard2.
+    moved = text.replace("3: shard1", "3: shard2").replace("6: shard2}", "6: shard2, 8: shard1}")
+    moved = moved.replace("books: shard1", "books: shard2")
+    assert moved != text
+    path.write_text(moved)
+    again = _write_config(tmp_path, free_port(), clusters)
+    rules = again.sharding.rules
+    assert rules["by_tenant"].shard_for(3) == "shard2"
+    assert rules["by_tenant"].shard_for(8) == "shard1"
+    assert rules["by_tenant"].shard_for(1) == "shard1"  # the others as the demo places them
+    assert rules["by_category"].shard_for("books") == "shard2"
+    assert "# A shop (tenant) and everything it owns" in path.read_text()  # comments rewritten
+    # Another number of shards: the data is loaded afresh, with the demo's own placement.
+    three = [*clusters, PostgresCluster(tmp_path / "shard3", port=free_port(), name="shard3")]
+    fresh = _write_config(tmp_path, free_port(), three)
+    assert fresh.sharding.rules["by_tenant"].shard_for(3) == "shard3"
+    assert fresh.sharding.rules["by_category"].shard_for("books") == "shard1"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--hot-tenant", "1,99"], "the sample shop has tenants 1 to 8, not 99"),
+    (["--hot-tenant", "one"], "--hot-tenant takes tenant ids"),
+    (["--hot-share", "1.5"], "--hot-share must be between 0 and 1"),
+])
+def test_demo_load_refuses_bad_options(args: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "shardwire.cli", "demo-load", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+
+
+def test_demo_load_says_when_the_demo_is_not_running() -> None:
+    url = f"postgresql://demo:demo@127.0.0.1:{free_port()}/demo"
+    result = subprocess.run([sys.executable, "-m", "shardwire.cli", "demo-load", "--url", url,
+                             "--seconds", "1"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "is `shardwire demo` running?" in result.stderr
