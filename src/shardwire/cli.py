@@ -29,6 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, metavar="FILE", help="the YAML config")
     serve.add_argument("--log-level", default="info",
                        choices=["debug", "info", "warning", "error"])
+    serve.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="run N proxy processes on the one port (SO_REUSEPORT); "
+                       "docs/operations.md (default 1)")
+    # The processes of --workers are started with these (proxy/workers.py).
+    serve.add_argument("--worker-of", help=argparse.SUPPRESS)
+    serve.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
 
     check = sub.add_parser("check", help="validate a config file",
                            description="Load and validate a config file; print the problems "
@@ -159,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.command == "serve":
-        return _serve(args.config)
+        return _serve(args.config, workers=args.workers, log_level=args.log_level,
+                      worker_of=args.worker_of, worker_index=args.worker_index)
     if args.command == "demo":
         from .demo import run_demo
         return run_demo(port=args.port, data_dir=args.data_dir, shards=args.shards)
@@ -292,11 +299,32 @@ def _recover(path: str, *, dry_run: bool, min_age: float) -> int:
     return 0 if report.settled else 1
 
 
-def _serve(path: str) -> int:
+def _serve(path: str, *, workers: int = 1, log_level: str = "info",
+           worker_of: str | None = None, worker_index: int = 0) -> int:
+    from pathlib import Path
+
     from .proxy.server import install_uvloop, run
+    from .proxy.workers import (
+        WorkerRole,
+        WorkerSupervisor,
+        die_with_parent,
+        worker_config,
+        workers_problem,
+    )
     config = load_or_report(path)
     if config is None:
         return 1
+    problem = workers_problem(config, workers)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
+    if workers > 1:
+        return WorkerSupervisor(config, workers, log_level).run()
+    role = None
+    if worker_of is not None:
+        die_with_parent()
+        role = WorkerRole(worker_index, Path(worker_of))
+        config = worker_config(config)
     install_uvloop()
 
     def ready(proxy: object) -> None:
@@ -304,7 +332,7 @@ def _serve(path: str) -> int:
         print(f"shardwire ready on {config.listen.host}:{port}", flush=True)
 
     try:
-        asyncio.run(run(config, ready=ready))
+        asyncio.run(run(config, ready=ready, worker=role))
     except OSError as e:
         print(f"cannot listen on {config.listen.host}:{config.listen.port}: {e.strerror}",
               file=sys.stderr)

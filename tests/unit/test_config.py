@@ -260,14 +260,14 @@ def test_changed_settings_names_what_differs() -> None:
         ({"shard": {}}, "shard: unknown key (allowed: "),
         ({"shard": {}}, "did you mean 'shards'?"),
         ({"port": 5}, "port: unknown key (allowed: listen, tls, auth, pool, transactions, "
-                      "rebalance, metrics, database, admin_database, default_shard, catalog, "
-                      "users, shards, sharding); "
+                      "rebalance, limits, replicas, health, metrics, database, admin_database, "
+                      "default_shard, catalog, shutdown_timeout, users, shards, sharding); "
                       "did you mean listen: {port: ...}?"),
         ({"auth_method": "trust"}, "auth_method: unknown key (allowed: listen, tls, auth, pool, "
-                                   "transactions, rebalance, metrics, database, "
-                                   "admin_database, "
-                                   "default_shard, "
-                                   "catalog, users, shards, sharding); did you mean auth: "
+                                   "transactions, rebalance, limits, replicas, health, "
+                                   "metrics, database, admin_database, default_shard, "
+                                   "catalog, shutdown_timeout, users, shards, sharding); "
+                                   "did you mean auth: "
                                    "{method: ...}?"),
         ({"users": {"app": {"pasword": "x"}}},
          "users.app.pasword: unknown key (allowed: password, scram_verifier, admin, pool_mode); "
@@ -402,8 +402,8 @@ default_shard: s1
     # only the unknown key, not a duplicate
     assert problems(text) == [
         "x-server: unknown key (allowed: listen, tls, auth, pool, transactions, rebalance, "
-        "metrics, database, "
-        "admin_database, default_shard, catalog, users, shards, sharding)"
+        "limits, replicas, health, metrics, database, admin_database, default_shard, catalog, "
+        "shutdown_timeout, users, shards, sharding)"
     ]
 
 

@@ -98,6 +98,51 @@ class RebalanceSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitSettings:
+    """Admission control (docs/operations.md): how many transactions may run at once per user
+    and per database, the queue in front of them, and a per-tenant statement rate. 0: no
+    limit. With every limit at 0 the proxy does not look at them at all."""
+
+    max_transactions_per_user: int = 0
+    max_transactions_per_database: int = 0
+    max_waiting_transactions: int = 100  # per limit; beyond this, new work gets 53300 at once
+    wait_timeout: float = 5.0  # work waiting longer for a limit gets 57014
+    tenant_statements_per_second: int = 0  # per key value of a sharding rule (token bucket)
+    tenant_burst: int = 0  # the bucket's size; 0: one second's worth
+
+    @property
+    def any(self) -> bool:
+        return bool(self.max_transactions_per_user or self.max_transactions_per_database
+                    or self.tenant_statements_per_second)
+
+
+class ReadTarget(enum.Enum):
+    """Where a session's plain reads go when its shard has replicas (docs/operations.md)."""
+
+    REPLICA = "replica"  # a healthy replica within replicas.max_lag, else the primary
+    PRIMARY = "primary"  # everything to the primary
+    ANY = "any"  # the primary and the healthy replicas in one rotation
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """The read/write split over each shard's replicas (docs/operations.md)."""
+
+    max_lag: float = 10.0  # a replica whose replay lag exceeds this gets no reads
+    read_your_writes: float = 0.0  # after a write, the session reads from primaries this long
+    target: ReadTarget = ReadTarget.REPLICA  # a session's default shardwire.target
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSettings:
+    """Health checks of every shard server (docs/operations.md)."""
+
+    interval: float = 2.0  # seconds between checks of a healthy server
+    timeout: float = 2.0  # a check (connect, log in, query) slower than this fails
+    max_backoff: float = 30.0  # a failed server is retried after 0.5s, doubling up to this
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsSettings:
     """The Prometheus endpoint (docs/metrics.md); present only when the file has `metrics`."""
 
@@ -120,6 +165,11 @@ class Config:
     transactions: TransactionSettings = field(default_factory=TransactionSettings)
     rebalance: RebalanceSettings = field(default_factory=RebalanceSettings)
     metrics: MetricsSettings | None = None  # None: no metrics endpoint
+    replicas: ReplicaSettings = field(default_factory=ReplicaSettings)
+    health: HealthSettings = field(default_factory=HealthSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    # SIGTERM: seconds running transactions get to finish before their clients are closed.
+    shutdown_timeout: float = 20.0
     catalog: ServerAddress | None = None
     admin_database: str = "shardwire"
     path: str | None = None  # the file it was loaded from, for RELOAD

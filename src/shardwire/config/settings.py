@@ -15,10 +15,14 @@ from typing import Any
 from shardwire.config.model import (
     AuthMethod,
     Config,
+    HealthSettings,
+    LimitSettings,
     Listen,
     PoolMode,
     PoolSettings,
+    ReadTarget,
     RebalanceSettings,
+    ReplicaSettings,
     ServerAddress,
     TransactionSettings,
 )
@@ -27,6 +31,9 @@ _LISTEN = Listen()
 _POOL = PoolSettings()
 _TX = TransactionSettings()
 _REBALANCE = RebalanceSettings()
+_REPLICAS = ReplicaSettings()
+_HEALTH = HealthSettings()
+_LIMITS = LimitSettings()
 _CONFIG_DEFAULTS: dict[str, object] = {f.name: f.default for f in fields(Config)}
 
 
@@ -141,6 +148,42 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rebalance.fence_timeout", float, _REBALANCE.fence_timeout, True,
             "Seconds a write to keys being moved waits for the move's fence before it fails "
             "with SQLSTATE 55P03.", positive=True),
+    Setting("limits.max_transactions_per_user", int, _LIMITS.max_transactions_per_user, True,
+            "Transactions one user may run at once (a statement outside BEGIN is one); more "
+            "wait in a queue. 0: no limit.", minimum=0),
+    Setting("limits.max_transactions_per_database", int, _LIMITS.max_transactions_per_database,
+            True, "Transactions all clients of one database may run at once; more wait in a "
+            "queue. 0: no limit.", minimum=0),
+    Setting("limits.max_waiting_transactions", int, _LIMITS.max_waiting_transactions, True,
+            "Work queued for each limit above; beyond this, new work gets SQLSTATE 53300 at "
+            "once.", minimum=1),
+    Setting("limits.wait_timeout", float, _LIMITS.wait_timeout, True,
+            "Work queued for a limit longer than this gets SQLSTATE 57014.", positive=True),
+    Setting("limits.tenant_statements_per_second", int, _LIMITS.tenant_statements_per_second,
+            True, "Statements per second routed by one key value of a sharding rule (a "
+            "tenant); more get SQLSTATE 53400. 0: no limit.", minimum=0),
+    Setting("limits.tenant_burst", int, _LIMITS.tenant_burst, True,
+            "Statements one key value may run in a burst above its rate; 0: one second's "
+            "worth.", minimum=0),
+    Setting("shutdown_timeout", float, _CONFIG_DEFAULTS["shutdown_timeout"], True,
+            "After SIGTERM, transactions running get this long to finish before their clients "
+            "are closed with SQLSTATE 57P01.", positive=True),
+    Setting("replicas.max_lag", float, _REPLICAS.max_lag, True,
+            "A replica whose replay lag (measured on it by the health check) exceeds this "
+            "gets no reads until it catches up.", positive=True),
+    Setting("replicas.read_your_writes", float, _REPLICAS.read_your_writes, True,
+            "For this long after a session sent a shard anything but a plain read, its "
+            "reads go to primaries; 0 turns it off.", minimum=0),
+    Setting("replicas.target", ReadTarget, _REPLICAS.target, True,
+            "Where plain reads outside read-write transactions go (a session changes it with "
+            "SET shardwire.target): replica, primary, or any (primary and replicas in turn)."),
+    Setting("health.interval", float, _HEALTH.interval, True,
+            "Seconds between health checks of each shard server.", positive=True),
+    Setting("health.timeout", float, _HEALTH.timeout, True,
+            "A health check (connect, log in, query) slower than this fails.", positive=True),
+    Setting("health.max_backoff", float, _HEALTH.max_backoff, True,
+            "A failed server is checked again after 0.5s, then twice as long each time, up "
+            "to this many seconds.", positive=True),
     # No defaults: without a `metrics` section there is no endpoint (docs/metrics.md).
     Setting("metrics.host", str, None, False,
             "Address the Prometheus endpoint listens on (127.0.0.1 when the section is set)."),
@@ -165,8 +208,9 @@ SECTIONS: tuple[Section, ...] = (
     Section("users", True,
             "Who may connect; RELOAD adds, removes and changes users for new connections."),
     Section("shards", False,
-            "The shard servers; changing them takes a restart (moving data is the "
-            "rebalancer's job, not RELOAD's)."),
+            "The shard servers. RELOAD applies a changed primary or replica list (after a "
+            "failover: docs/operations.md); adding or removing shards moves no data (that is "
+            "the rebalancer's job)."),
     Section("sharding", True,
             "Where rows live: sharding rules and reference tables (docs/sharding.md); "
             "RELOAD routes new statements by the new map."),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from collections import deque
@@ -24,6 +25,7 @@ from ..router.shardmap import canonical_text
 from .protocol import messages as m
 from .protocol.errors import PgError
 from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
+from .workers import config_stamp
 
 if TYPE_CHECKING:
     from .server import ClientConnection, Proxy
@@ -50,6 +52,7 @@ class AdminSession:
             "shards": self.show_shards, "pools": self.show_pools, "clients": self.show_clients,
             "servers": self.show_servers, "stats": self.show_stats, "config": self.show_config,
             "version": self.show_version, "help": self.show_help, "hot": self.show_hot,
+            "state": self.show_state, "workers": self.show_workers,
         }
         # Commands answered later (they ask servers): SHOW <name>.
         self.later: dict[str, Callable[[], Awaitable[bytes]]] = {
@@ -105,7 +108,7 @@ class AdminSession:
     def _is_later(self, stmt: bytes) -> bool:
         words = leading_words(stmt, 3)
         return (len(words) == 2 and words[0] == "show" and words[1] in self.later) or (
-            bool(words) and words[0] == "resolve")
+            bool(words) and words[0] in ("resolve", "pause"))
 
     async def _answer_later(self, statements: list[bytes]) -> None:
         out = []
@@ -152,7 +155,12 @@ class AdminSession:
                 raise PgError("F0000", "the new configuration was rejected; the old one stays "
                               "in force", detail="\n".join(problems),
                               hint="fix the file and RELOAD again")
+            if self.proxy.worker_figures is not None:  # serve --workers: all reload
+                self.proxy.worker_figures.reload_all()
             return m.command_complete("RELOAD")
+        if words and words[0] == "resume" and len(words) <= 2:
+            self.proxy.admission.resume(self._database(words))  # admission.py
+            return m.command_complete("RESUME")
         if words in (["begin"], ["commit"], ["rollback"], ["set"]) or (
                 words and words[0] == "set"):
             # psql and drivers send these; the console has no state to change.
@@ -164,6 +172,10 @@ class AdminSession:
         words = leading_words(stmt, 3)
         if words[0] == "show":
             return await self.later[words[1]]()
+        if words[0] == "pause" and len(words) <= 2:
+            # Answered once every transaction in flight has finished (admission.py).
+            await self.proxy.admission.pause(self._database(words))
+            return m.command_complete("PAUSE")
         found = _RESOLVE.match(stmt)
         if found is None:
             raise PgError("42601", "RESOLVE IN_DOUBT takes a transaction id and COMMIT or "
@@ -171,11 +183,22 @@ class AdminSession:
         gid = found.group(1).decode("utf-8", "replace").replace("''", "'")
         return await self.resolve_in_doubt(gid, commit=found.group(2).lower() == b"commit")
 
+    def _database(self, words: Sequence[str]) -> str | None:
+        """The database of `PAUSE <db>` / `RESUME <db>`; None for all."""
+        if len(words) < 2:
+            return None
+        served = self.proxy.config.database
+        if words[1] != served:
+            raise PgError("3D000", f"database {words[1]!r} is not served by this proxy",
+                          hint=f"name {served!r}, or give no name for all databases")
+        return served
+
     # -- the commands -----------------------------------------------------------------------
 
     def show_help(self) -> Result:
         rows = [(f"SHOW {name.upper()}",) for name in (*self.commands, *self.later)] + [
-            ("RELOAD",), ("RESOLVE IN_DOUBT '<gid>' COMMIT",),
+            ("RELOAD",), ("PAUSE [<db>]",), ("RESUME [<db>]",),
+            ("RESOLVE IN_DOUBT '<gid>' COMMIT",),
             ("RESOLVE IN_DOUBT '<gid>' ROLLBACK",)]
         return [("command", T)], rows, ""
 
@@ -184,20 +207,34 @@ class AdminSession:
 
     def show_shards(self) -> Result:
         cols = [("shard", T), ("role", T), ("host", T), ("port", I8), ("database", T),
-                ("user", T), ("default", m.BOOL_OID)]
+                ("user", T), ("default", m.BOOL_OID), ("health", T), ("in_recovery", T),
+                ("lag_s", T), ("failures", I8), ("health_error", T)]
         rows = []
         cfg = self.proxy.config
+        pools = self.proxy.pools
         for shard in cfg.shards.values():
             servers = [("primary", shard.primary)] + [("replica", r) for r in shard.replicas]
             for role, addr in servers:
+                # health.py: up, down, or unchecked (no check has passed yet)
+                pool = pools.get(f"{shard.name}/primary" if role == "primary" else
+                                 f"{shard.name}/replica/{addr.host}:{addr.port}")
+                health = None if pool is None else (
+                    "down" if not pool.up else "up" if pool.checked else "unchecked")
                 rows.append((shard.name, role, addr.host, addr.port, addr.database, addr.user,
-                             shard.name == cfg.default_shard))
+                             shard.name == cfg.default_shard, health,
+                             None if pool is None or pool.in_recovery is None
+                             else str(pool.in_recovery).lower(),
+                             None if pool is None or pool.lag is None else f"{pool.lag:.3f}",
+                             None if pool is None else pool.failures,
+                             None if pool is None else pool.health_error))
         return cols, rows, ""
 
     def show_pools(self) -> Result:
         cols = [("shard", T), ("role", T), ("pool_size", I8), ("active", I8), ("idle", I8),
                 ("connecting", I8), ("waiting_clients", I8), ("max_wait_ms", I8),
                 ("last_error", T)]
+        if self.proxy.worker_figures is not None:  # serve --workers: all of them (workers.py)
+            return cols, self.proxy.worker_figures.pools_rows(), ""
         rows = []
         now = time.monotonic()
         for pool in self.proxy.pools.values():
@@ -236,6 +273,8 @@ class AdminSession:
         cols = [("shard", T), ("role", T), ("transactions", I8), ("queries", I8),
                 ("bytes_in", I8), ("bytes_out", I8), ("waits", I8), ("avg_wait_us", I8),
                 ("connects", I8)]
+        if self.proxy.worker_figures is not None:  # serve --workers: all of them (workers.py)
+            return cols, self.proxy.worker_figures.stats_rows(), ""
         rows = []
         for pool in self.proxy.pools.values():
             s = pool.stats
@@ -269,6 +308,24 @@ class AdminSession:
                              k.statements_error, round(k.busy * 1000, 3),
                              round(k.busy / busy_total, 4), None, None, seconds))
         return cols, rows, ""
+
+    def show_workers(self) -> Result:
+        """The processes of `serve --workers` (workers.py); one row without it."""
+        cols = [("worker", I8), ("pid", I8), ("clients", I8), ("queries", I8),
+                ("snapshot_age_s", F8), ("config_loaded", T), ("this", m.BOOL_OID)]
+        figures = self.proxy.worker_figures
+        if figures is not None:
+            return cols, figures.workers_rows(), ""
+        queries = sum(pool.stats.queries for pool in self.proxy.pools.values())
+        return cols, [(0, os.getpid(), len(self.proxy.clients), queries, 0.0,
+                       config_stamp(self.proxy.config), True)], ""
+
+    def show_state(self) -> Result:
+        """Running, paused or shutting down, and the admission figures (admission.py)."""
+        cols = [("state", T), ("paused_databases", T), ("transactions_running", I8),
+                ("waiting_for_limits", I8), ("held_by_pause", I8), ("rejected_queue_full", I8),
+                ("rejected_timeout", I8), ("rejected_rate", I8)]
+        return cols, [self.proxy.admission.state_row()], ""
 
     def show_config(self) -> Result:
         cols = [("key", T), ("value", T), ("default", T), ("reloadable", T)]

@@ -123,6 +123,7 @@ class ProxyCollector(Collector):
         yield from self._pools(proxy)
         yield from self._routing(proxy)
         yield from self._two_phase(proxy)
+        yield from self._admission(proxy)
         info = GaugeMetricFamily("shardwire_info", "Shardwire's version.", labels=["version"])
         info.add_metric([__version__], 1)
         yield info
@@ -221,6 +222,21 @@ class ProxyCollector(Collector):
         for sqlstate_class, n in dict(self.metrics.refused).items():
             refused.add_metric([sqlstate_class], n)
         yield refused
+
+    def _admission(self, proxy: Proxy) -> Iterator[Metric]:
+        admission = proxy.admission  # admission.py
+        rejected = CounterMetricFamily(
+            "shardwire_admission_rejected", "Work refused by admission control: queue_full "
+            "(53300, a limit's queue was full), timeout (57014, waited limits.wait_timeout), "
+            "rate (53400, a tenant over limits.tenant_statements_per_second).",
+            labels=["reason"])
+        counts = dict(admission.rejected)
+        for reason in ("queue_full", "timeout", "rate"):
+            rejected.add_metric([reason], counts.get(reason, 0))
+        yield rejected
+        yield GaugeMetricFamily(
+            "shardwire_paused", "1 while PAUSE holds new work (of some database), else 0.",
+            value=1 if admission.paused else 0)
 
     def _two_phase(self, proxy: Proxy) -> Iterator[Metric]:
         coordinator = proxy.coordinator

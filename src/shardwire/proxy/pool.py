@@ -251,6 +251,7 @@ class Pool:
         self.heat = heat if heat is not None else Heat(time.time())
         self.counters = self.heat.shard(shard)
         self.role = role
+        self.is_replica = role != "primary"
         self.address = address
         self.settings = settings
         self.idle: collections.deque[ServerConnection] = collections.deque()
@@ -262,6 +263,62 @@ class Pool:
         self.login_parameters: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
         self.last_error: str | None = None
         self.closed = False
+        # Health (health.py). `up` until a check or a connect attempt fails; a replica gets
+        # reads only once a check has succeeded (`checked`), which also measured its lag.
+        self.up = True
+        self.checked = False
+        self.in_recovery: bool | None = None  # what the last check found
+        self.lag: float | None = None  # a standby's replay lag in seconds; None: unknown
+        self.failures = 0  # checks failed in a row
+        self.down_since = 0.0  # time.time() of the failure that took it out of rotation
+        self.health_error: str | None = None
+        self.next_check = 0.0  # time.time() of the next health check
+        self.health_task: asyncio.Task[None] | None = None
+
+    def serves_reads(self, max_lag: float) -> bool:
+        """Whether this replica may take reads now: up, checked, still a standby, and not
+        lagging more than `max_lag` seconds."""
+        lag = self.lag
+        return (self.up and self.checked and self.in_recovery is True and lag is not None
+                and lag <= max_lag)
+
+    def check_passed(self, in_recovery: bool, lag: float | None) -> None:
+        if not self.up:
+            log.warning("shard %s %s %s:%s is back after %d failed health checks", self.shard,
+                        self.role, self.address.host, self.address.port, self.failures)
+        self.up = self.checked = True
+        self.in_recovery = in_recovery
+        self.lag = lag
+        self.failures = 0
+        self.health_error = None
+
+    def mark_down(self, reason: str) -> None:
+        """The server failed a health check or a connect: out of rotation until a check
+        passes. Idle connections are closed (they would fail the next client)."""
+        self.failures += 1
+        self.health_error = reason
+        if self.up:
+            self.up = False
+            self.down_since = time.time()
+            log.warning("shard %s %s %s:%s is down: %s", self.shard, self.role,
+                        self.address.host, self.address.port, reason)
+            for conn in list(self.idle):
+                self.idle.remove(conn)
+                conn.abort("server marked down")
+
+    def down_error(self) -> PgError:
+        """What a statement that needs this (down) server gets at once."""
+        since = time.strftime("%H:%M:%S", time.gmtime(self.down_since))
+        wait = max(0.0, self.next_check - time.time())
+        role = "primary" if self.role == "primary" else "replica"
+        hint = ("reads outside transactions still go to the shard's replicas; if the primary "
+                f"is gone for good, promote a replica, set shards.{self.shard}.primary to it "
+                "and RELOAD (docs/operations.md)") if role == "primary" else (
+                "retry; the replica is checked again shortly")
+        return PgError(
+            "57P03", f"shard {self.shard}: {role} {self.address.host}:{self.address.port} is "
+            f"out of rotation since {since} UTC ({self.health_error or 'unreachable'}); next "
+            f"check in {wait:.1f}s", hint=hint)
 
     @property
     def size(self) -> int:
@@ -286,6 +343,11 @@ class Pool:
             return conn
         if self.closed:
             raise PgError("57P01", f"shard {self.shard} pool is shutting down")
+        if not self.up and self.connecting:
+            # Known down, and a connect is already trying it: fail now rather than queue
+            # behind connect timeouts. One client at a time still tries, so a server that
+            # comes back is found before the next health check.
+            raise self.down_error()
         if self.size < self.settings.size:
             return await self._open()
         if len(self.waiters) >= self.settings.max_waiting_clients:
@@ -320,6 +382,7 @@ class Pool:
         except TimeoutError:
             conn.abort("connect timeout")
             self.last_error = "connect timeout"
+            self.mark_down("connect timeout")
             raise PgError(
                 "08006", f"could not connect to shard {self.shard} at "
                 f"{self.address.host}:{self.address.port}: timed out after "
@@ -328,12 +391,14 @@ class Pool:
             conn.abort("login failed")
             self.last_error = e.message
             if e.sqlstate.startswith("08") or e.sqlstate.startswith("57"):
+                self.mark_down(e.message)  # starting up, shutting down, gone: not a password
                 raise PgError(e.sqlstate, f"shard {self.shard}: {e.message}", e.hint) from None
             raise PgError("08006", f"could not log in to shard {self.shard}: {e.message}",
                           hint=e.hint) from None
         except OSError as e:
             conn.abort("connect failed")
             self.last_error = str(e)
+            self.mark_down(e.strerror or str(e))
             raise PgError(
                 "08006", f"could not connect to shard {self.shard} at "
                 f"{self.address.host}:{self.address.port}: {e.strerror or e}",
@@ -341,6 +406,9 @@ class Pool:
         finally:
             self.connecting -= 1
         self.last_error = None
+        if not self.up:  # reachable again before its next health check
+            self.up = True
+            self.failures = 0
         self.stats.connects += 1
         self.active.add(conn)
         return conn
@@ -405,6 +473,8 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
+        if self.health_task is not None:
+            self.health_task.cancel()
         for conn in list(self.idle) + list(self.active):
             conn.close()
         for fut in self.waiters:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from .. import __version__
 from ..config.load import load_config
-from ..config.model import Config, PoolMode
+from ..config.model import Config, PoolMode, ReadTarget
 from ..merge import MergeError, MergePlan
 from ..rebalancer.heat import Heat
 from ..rebalancer.store import flush_forever as flush_heat
@@ -42,6 +42,7 @@ from ..router.plan import (
 from ..router.route import RouteContext
 from ..router.shardmap import ShardMap
 from ..router.split import ShardText, SplitError, split_insert
+from .admission import Admission, Ticket, Waiter
 from .directory import Directory
 from .distributed import (
     DEADLOCK_CHECK_INTERVAL,
@@ -73,8 +74,10 @@ from .protocol.framing import (
     check_frontend_message,
 )
 from .protocol.relay import ClientStatements
+from .replicas import ReplicaSet, parse_target_setting, plain_read, read_only_begin
 from .routing import StatementRouter, parse_param_types, read_bind
 from .scatter import ScatterRead
+from .workers import WorkerFigures, WorkerRole
 
 log = logging.getLogger("shardwire")
 
@@ -173,6 +176,15 @@ class ClientConnection(asyncio.Protocol):
         # (rule, key) of the last statement routed by its key: its server connection adds the
         # statement's time to the key's heat when it is answered (pool.py).
         self.heat_key: tuple[str, object] | None = None
+        # The read/write split (replicas.py): SET shardwire.target (None: the config's), and
+        # when this session last sent a shard with replicas more than a plain read.
+        self.read_target: ReadTarget | None = None
+        self.wrote_at = 0.0
+        self.primary_write = False  # wrote_at is set again when that unit is answered
+        # Admission control (admission.py): the client's place among the transactions
+        # running, and its work held back while it waits for one.
+        self.admitted: Ticket | None = None
+        self.admission_wait: Waiter | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------------------
 
@@ -296,8 +308,11 @@ class ClientConnection(asyncio.Protocol):
     async def _greet(self) -> None:
         """Send the server's parameters as they are with this client's settings applied."""
         assert self.pool is not None
+        pool = self.pool
+        if not pool.up and self.proxy.replicated:
+            pool = self.proxy.login_pool(pool)  # the default primary is down: ask a replica
         try:
-            params = await self.proxy.login_parameters(self.pool, self.settings)
+            params = await self.proxy.login_parameters(pool, self.settings)
         except PgError as e:
             self.fatal(PgError(e.sqlstate, e.message, e.hint, e.detail, fatal=True))
             return
@@ -333,6 +348,9 @@ class ClientConnection(asyncio.Protocol):
         self._deliver(msgs, raw)
 
     def _deliver(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
+        gate = self.proxy.gate  # None unless limits, PAUSE or shutdown apply (admission.py)
+        if gate is not None and self.admitted is None and gate.hold(self, msgs, raw):
+            return
         if not self.proxy.routing:
             self._send(msgs, raw)
         elif (self.server is None and not self.waiting and not self.batch
@@ -367,8 +385,11 @@ class ClientConnection(asyncio.Protocol):
             self._dispatch(msgs)
             return
         self.heat_key = router.last_key
+        if self.proxy.gate is not None and self.heat_key is not None:
+            plan = self.proxy.gate.throttle(plan, self.heat_key)  # tenants' rates
         if type(plan) is SingleShard and not self.proxy.fences.active:  # fence.py: held?
-            pool = self.proxy.pool_for(plan.shard)
+            pool = (self.proxy.pool_for(plan.shard) if not self.proxy.replicated else
+                    self._pool_for(plan.shard, self._statement_of(msgs[0]), False))
             conn = pool.try_acquire()
             if conn is not None:
                 self.queries += 1
@@ -548,6 +569,8 @@ class ClientConnection(asyncio.Protocol):
         if self.paused and self.transport is not None and not self.closed:
             self.paused = False
             self.transport.resume_reading()
+        if self.admitted is not None:
+            self.proxy.admission.settle(self)
 
     def _skip_until_sync(self, msgs: list[tuple[int, bytes]]) -> list[tuple[int, bytes]]:
         for i, (kind, _) in enumerate(msgs):
@@ -587,12 +610,16 @@ class ClientConnection(asyncio.Protocol):
             if self.waiting:
                 self.backlog[:0] = msgs[i + 1:]
                 return
+        if self.admitted is not None:
+            self.proxy.admission.settle(self)  # answered here (a SET, a refusal)?
 
     def _resume(self) -> None:
         self.waiting = False
         backlog, self.backlog = self.backlog, []
         if backlog:
             self._dispatch(backlog)
+        if self.admitted is not None:
+            self.proxy.admission.settle(self)
 
     def _status(self) -> bytes:
         if self.server is not None:
@@ -649,6 +676,8 @@ class ClientConnection(asyncio.Protocol):
                 return True
             plan = router.plan_query(sql, self._context(), self._timezone())
             self.heat_key = router.last_key
+            if self.proxy.gate is not None and self.heat_key is not None:
+                plan = self.proxy.gate.throttle(plan, self.heat_key)
             self._execute(plan, (kind, body), ends_unit=True)
             return True
         if kind == _P:
@@ -684,6 +713,8 @@ class ClientConnection(asyncio.Protocol):
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
             self.heat_key = router.last_key
+            if self.proxy.gate is not None and self.heat_key is not None:
+                plan = self.proxy.gate.throttle(plan, self.heat_key)
             self._execute(plan, (kind, body), ends_unit=False)
             return True
         if kind in (_S, ord("H"), ord("F")):
@@ -769,6 +800,8 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(PgError(code, text, hint), msg, ends_unit=ends_unit)
                 return
             case MultiShard() | EachStatement():
+                if self.proxy.replicated and not self._plain_read_message(msg):
+                    self.wrote_at = time.monotonic()  # read-your-writes (replicas.py)
                 self._multi(plan, msg, ends_unit=ends_unit)
                 return
             case NeedLookup(rule=rule, keys=keys, assign=assign):
@@ -786,7 +819,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             self._send_batch(target, [msg])
-        elif server.pool.shard == target:
+        elif server.pool.shard == target and not (
+                server.pool.is_replica and self._needs_primary(server, msg)):
             self._write_server([msg])
         elif self.pinned is None and server.link.status == b"I" and not self.portal_open:
             # No transaction there, and no portal: once the connection has answered what it
@@ -806,6 +840,13 @@ class ClientConnection(asyncio.Protocol):
                 "use transaction pooling; see docs/pooling.md"), msg, ends_unit=ends_unit)
         elif server.link.status == b"E":
             self._write_server([msg])  # the transaction has failed: the server says so
+        elif server.pool.shard == target and self.portal_open:
+            self._refuse(PgError(  # (replicas.py) reads of this pipeline ran on a replica
+                "0A000", f"the statement must run on the primary of shard {target}, and the "
+                "statements before it in the same pipeline (no Sync since them) ran on one of "
+                "its replicas as plain reads", hint="send a Sync after the reads, or SET "
+                "shardwire.target = 'primary' for sessions that pipeline reads and writes"),
+                msg, ends_unit=ends_unit)
         elif self.portal_open and self.tx is None and self.tx_begin is None and (
                 server.link.client_units_due):
             # Replies to the client's earlier Syncs or Queries are still due, so whether the
@@ -950,11 +991,8 @@ class ClientConnection(asyncio.Protocol):
     def _pipeline_error(self, server: ServerConnection, target: str, why: str) -> PgError:
         return PgError(
             "0A000", f"the statement needs shard {target}, and the statements before it in "
-            f"the same pipeline (no Sync since them) ran on shard {server.pool.shard}; "
-            "Shardwire keeps the statements between two Syncs on one shard",
-            hint="send a Sync after each statement (for example one executemany call per "
-            "shard), or insert the rows with one multi-row INSERT, which Shardwire splits by "
-            "shard")
+            f"the same pipeline (no Sync since them) ran on shard {server.pool.shard}: {why}",
+            hint="send a Sync before this statement; see \"Pipelines\" in docs/routing.md")
 
     # -- transactions on several shards ---------------------------------------------------
     #
@@ -974,7 +1012,8 @@ class ClientConnection(asyncio.Protocol):
                 tx.written.add(server.pool.shard)
         conn = tx.conns.get(target)
         if conn is None:
-            pool = self.proxy.pool_for(target)
+            pool = (self.proxy.pool_for(target) if not self.proxy.replicated else
+                    self._pool_for(target, None, True))
             conn = pool.try_acquire()
             if conn is None:
                 self.waiting = self.retry = True
@@ -1499,7 +1538,11 @@ class ClientConnection(asyncio.Protocol):
                     extra: bytes = b"", *, quiet: bool = False) -> None:
         """Send the held-back batch and `msgs` to a server of `shard`, once there is one."""
         self.batch.extend(msgs)
-        pool = self.proxy.pool_for(shard)
+        if not self.proxy.replicated:
+            pool = self.proxy.pool_for(shard)
+        else:
+            pool = self._pool_for(shard, self._statement_of(msgs[-1]) if msgs else None,
+                                  self.begin_sql is not None)
         self.pool = pool
         conn = pool.try_acquire()
         if conn is not None:
@@ -1577,6 +1620,10 @@ class ClientConnection(asyncio.Protocol):
                    plan.get("message")]
             return (m.row_description(columns) + m.data_row(row)
                     + m.command_complete("SHOW"))
+        if b"arget" in sql or b"ARGET" in sql:  # SET/RESET/SHOW shardwire.target
+            target = parse_target_setting(sql)
+            if target is not None:
+                return self._target_setting(target.verb, target.value, target.local)
         analyses = self.proxy.router.prepared(sql)
         if len(analyses) != 1:
             return None
@@ -1624,6 +1671,78 @@ class ClientConnection(asyncio.Protocol):
                 self.key_session = value or None
         return m.command_complete("SET")
 
+    # -- the read/write split (replicas.py) ---------------------------------------------------
+
+    def _pool_for(self, shard: str, statement: bytes | None, in_tx: bool) -> Pool:
+        """The pool of `shard` for a unit whose statement is `statement` (None: no statement
+        decides, as for a held-back Parse), or for a transaction (`in_tx`): a replica for a
+        plain read or a READ ONLY transaction, else the primary."""
+        proxy = self.proxy
+        replica_set = proxy.replicated.get(shard)
+        if replica_set is None:
+            return proxy.pool_for(shard)
+        settings = proxy.config.replicas
+        if in_tx:
+            read = read_only_begin(self.tx_begin)
+        else:
+            read = statement is not None and plain_read(statement)
+        if not read:
+            if in_tx or statement is not None:
+                self.primary_write = True
+                self.wrote_at = time.monotonic()
+            return replica_set.primary
+        target = self.read_target or settings.target
+        if target is ReadTarget.PRIMARY or self.pinned is not None:
+            return replica_set.primary
+        wait = settings.read_your_writes
+        if wait and time.monotonic() - self.wrote_at < wait:
+            return replica_set.primary
+        return replica_set.for_read(target, settings.max_lag)
+
+    def _statement_of(self, msg: tuple[int, bytes]) -> bytes | None:
+        """The SQL a Query or a Bind (of a known prepared statement) runs, else None."""
+        kind, body = msg
+        if kind == _Q:
+            return body[:-1]
+        if kind == _B:
+            known = self.analyses.get(read_bind(body)[1])
+            return known[2] if known is not None else None
+        return None
+
+    def _plain_read_message(self, msg: tuple[int, bytes]) -> bool:
+        statement = self._statement_of(msg)
+        return statement is not None and plain_read(statement)
+
+    def _needs_primary(self, server: ServerConnection, msg: tuple[int, bytes]) -> bool:
+        """Whether `msg`, for the shard of `server` (a replica's connection), must wait and
+        go to the primary: outside a transaction, anything but a plain read (in a READ ONLY
+        transaction the replica refuses writes, as the primary would)."""
+        if server.link.status != b"I" or msg[0] not in (_Q, _B):
+            return False
+        return not self._plain_read_message(msg)
+
+    def _target_setting(self, verb: str, value: str, local: bool) -> bytes:
+        """SET / RESET / SHOW shardwire.target, answered by the proxy."""
+        if verb == "show":
+            current = self.read_target or self.proxy.config.replicas.target
+            return (m.row_description([("shardwire.target", m.TEXT_OID)])
+                    + m.data_row([current.value]) + m.command_complete("SHOW"))
+        if local:
+            return m.error_response(PgError(
+                "0A000", "SET LOCAL shardwire.target is not supported: the target is chosen "
+                "when a transaction starts", hint="use SET shardwire.target (for the session) "
+                "or BEGIN READ ONLY for a transaction on replicas"))
+        if not value:
+            self.read_target = None
+            return m.command_complete("RESET" if verb == "reset" else "SET")
+        try:
+            self.read_target = ReadTarget(value)
+        except ValueError:
+            return m.error_response(PgError(
+                "22023", f'invalid value for parameter "shardwire.target": "{value}"',
+                hint="shardwire.target is primary, replica or any"))
+        return m.command_complete("SET")
+
     # -- callbacks from the server connection -----------------------------------------------
 
     def server_ready(self, conn: ServerConnection) -> None:
@@ -1631,6 +1750,9 @@ class ClientConnection(asyncio.Protocol):
         if self.hop is not None and not self._hopped(conn):
             return
         if conn.link.status == b"I" and self.tx is None:
+            if self.primary_write:  # read-your-writes counts from the end of the write
+                self.primary_write = False
+                self.wrote_at = time.monotonic()
             self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
             self.tx_begin = None
             self.wrote = False
@@ -1642,6 +1764,8 @@ class ClientConnection(asyncio.Protocol):
                 conn.pool.release(conn)
         if self.waiting and not self.acquiring:
             self._resume()
+        elif self.admitted is not None:
+            self.proxy.admission.settle(self)
 
     def note_parameters(self, updates: list[tuple[str, str]]) -> None:
         for key, value in updates:
@@ -1674,6 +1798,8 @@ class ClientConnection(asyncio.Protocol):
         self._let_go_of_server()
 
     def _let_go_of_server(self) -> None:
+        if self.admitted is not None or self.admission_wait is not None:
+            self.proxy.admission.release(self)
         if self.tx is not None:
             self._end_tx()  # each participant is closed: its transaction dies with it
             return
@@ -1697,6 +1823,8 @@ class Proxy:
         self.clients: set[ClientConnection] = set()
         self.clients_by_pid: dict[int, ClientConnection] = {}
         self.pools: dict[str, Pool] = {}
+        # Shards with replicas (replicas.py); empty when none has: one check on the hot path.
+        self.replicated: dict[str, ReplicaSet] = {}
         self.tls_context: ssl.SSLContext | None = None
         self.fake_salt_key = secrets.token_bytes(32)
         self.started = time.time()
@@ -1713,14 +1841,22 @@ class Proxy:
         self._heat_flush: asyncio.Task[None] | None = None
         self.fences = Fences(self)  # rebalance fences and map flips (fence.py)
         self.metrics = ProxyMetrics(self)  # the Prometheus endpoint (metrics.py)
+        # serve --workers (workers.py): listen with SO_REUSEPORT, figures of every worker.
+        self.reuse_port = False
+        self.worker_figures: WorkerFigures | None = None
+        self.gate: Admission | None = None  # set while admission control applies
+        self.admission = Admission(self)  # limits, PAUSE, shutdown (admission.py)
         self._apply_config(config)
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
+        self.admission.configure(config.limits)
         smap = getattr(config, "sharding", None) or ShardMap(tuple(config.shards),
                                                              config.default_shard)
         self.router = StatementRouter(smap)
-        self.routing = smap.sharded  # False: everything goes to the default shard, unrouted
+        # False: everything goes to the default shard, unrouted. Replicas need the routed
+        # path, which tells reads from writes.
+        self.routing = smap.sharded or any(s.replicas for s in config.shards.values())
         old_directory = getattr(self, "directory", None)
         self.directory = Directory(config.catalog, smap)
         self._decisions_for(config)
@@ -1738,9 +1874,11 @@ class Proxy:
                                        self.heat)
             else:
                 old.settings = config.pool
+        self._replica_pools(config)
         for key in list(self.pools):
             if key.split("/")[0] not in config.shards:
                 self.pools.pop(key).close()
+        self._watch_health()
         if config.tls is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             ctx.load_cert_chain(config.tls.cert_file, config.tls.key_file)
@@ -1767,6 +1905,55 @@ class Proxy:
     def pool_for(self, shard: str) -> Pool:
         return self.pools[f"{shard}/primary"]
 
+    def _replica_pools(self, config: Config) -> None:
+        """Pools for the replicas (`<shard>/replica/<host>:<port>`), kept across a reload
+        when the server stays; and the shards' replica sets."""
+        wanted: dict[str, tuple[str, object]] = {}
+        for shard in config.shards.values():
+            for address in shard.replicas:
+                wanted[f"{shard.name}/replica/{address.host}:{address.port}"] = (
+                    shard.name, address)
+        for key in [k for k in self.pools if "/replica/" in k]:
+            old = self.pools[key]
+            if key not in wanted or wanted[key][1] != old.address:
+                self.pools.pop(key).close()
+        replicated: dict[str, ReplicaSet] = {}
+        for shard in config.shards.values():
+            pools = []
+            for address in shard.replicas:
+                key = f"{shard.name}/replica/{address.host}:{address.port}"
+                pool = self.pools.get(key)
+                if pool is None:
+                    pool = self.pools[key] = Pool(shard.name, "replica", address, config.pool,
+                                                  self.heat)
+                else:
+                    pool.settings = config.pool
+                pools.append(pool)
+            if pools:
+                replicated[shard.name] = ReplicaSet(shard.name, self.pool_for(shard.name),
+                                                    pools)
+        self.replicated = replicated
+
+    def _watch_health(self) -> None:
+        """A health check task for every pool that has none (health.py); only once the
+        event loop runs (start() calls this again)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        from .health import watch
+        for pool in self.pools.values():
+            if pool.health_task is None and not pool.closed:
+                pool.health_task = loop.create_task(watch(pool, lambda: self.config.health))
+
+    def login_pool(self, primary: Pool) -> Pool:
+        """Where a client logging in learns the server's parameters while `primary` is down:
+        one of its shard's replicas, if one is up."""
+        replica_set = self.replicated.get(primary.shard)
+        if replica_set is None:
+            return primary
+        return next((p for p in replica_set.replicas if p.up and p.checked), primary)
+
     @property
     def default_pool(self) -> Pool:
         return self.pools[f"{self.config.default_shard}/primary"]
@@ -1777,8 +1964,10 @@ class Proxy:
         listen = self.config.listen
         self._server = await loop.create_server(
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True,
+            reuse_port=self.reuse_port,
             backlog=1024)
         self._maintenance = loop.create_task(self._maintain())
+        self._watch_health()  # health.py
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
         self._heat_flush = loop.create_task(flush_heat(self))
@@ -1829,6 +2018,11 @@ class Proxy:
         sockets = getattr(self._server, "sockets", None)  # uvloop's Server is not asyncio's
         assert sockets
         return int(sockets[0].getsockname()[1])
+
+    def stop_listening(self) -> None:
+        """Refuse new connections from now on (the first step of a graceful shutdown)."""
+        if self._server is not None:
+            self._server.close()
 
     async def serve_forever(self) -> None:
         assert self._server is not None
@@ -1999,18 +2193,27 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None) -> None:
-    """Serve until SIGINT or SIGTERM; SIGHUP reloads the config file."""
+async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None,
+              worker: WorkerRole | None = None) -> None:
+    """Serve until SIGINT or SIGTERM; SIGHUP reloads the config file. `worker`: one of the
+    processes of `serve --workers` (workers.py).
+
+    SIGTERM shuts down gracefully: no new connections, running transactions get
+    `shutdown_timeout` seconds to finish (admission.py). SIGINT closes everything at once."""
     proxy = Proxy(config)
+    proxy.reuse_port = worker is not None
     await proxy.start()
+    if worker is not None:
+        proxy.worker_figures = WorkerFigures(worker, proxy)
+        proxy.worker_figures.start()
     # Everything loaded so far (sqlglot's tables above all) lives as long as the process:
     # keep it out of the garbage collector's full passes, which would otherwise walk it all.
     gc.collect()
     gc.freeze()
     loop = asyncio.get_running_loop()
-    stop = loop.create_future()
+    stop: asyncio.Future[signal.Signals] = loop.create_future()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, _settle, stop)
+        loop.add_signal_handler(sig, _stop_on, stop, sig)
 
     def on_hup() -> None:
         problems = proxy.reload()
@@ -2021,7 +2224,17 @@ async def run(config: Config, *, ready: Callable[[Proxy], None] | None = None) -
     if ready is not None:
         ready(proxy)
     try:
-        await stop
+        if await stop is signal.SIGTERM:
+            proxy.stop_listening()
+            loop.add_signal_handler(signal.SIGINT, proxy.admission.cut_short)
+            await proxy.admission.drain(proxy.config.shutdown_timeout)
     finally:
+        if proxy.worker_figures is not None:
+            proxy.worker_figures.close()
         await proxy.close()
+
+
+def _stop_on(fut: asyncio.Future[signal.Signals], sig: signal.Signals) -> None:
+    if not fut.done():
+        fut.set_result(sig)
 

@@ -539,6 +539,100 @@ class PostgresCluster:
         self.stop()
         self.start()
 
+    # -- streaming replicas
+
+    def create_replica(
+        self,
+        data_dir: str | Path,
+        *,
+        name: str,
+        settings: Mapping[str, str] | None = None,
+        start: bool = True,
+    ) -> PostgresCluster:
+        """A real streaming replica of this (running) cluster, made with ``pg_basebackup -R``.
+
+        The copy gets its own port and ``shardwire.conf``; ``-R`` writes ``standby.signal``
+        and ``primary_conninfo``, so it starts as a hot standby that streams from this server
+        (without a replication slot: a replica stopped for long may fall behind for good,
+        which throwaway test clusters never are). The roles already exist, being replicated.
+        """
+        # cluster_name is what the walreceiver reports as application_name in the
+        # primary's pg_stat_replication: wait_streaming finds the replica by it.
+        own = {**(self.settings if settings is None else settings), "cluster_name": name}
+        replica = PostgresCluster(data_dir, settings=own, name=name)
+        if replica.exists():
+            raise ClusterError(f"{name}: {replica.data_dir} already holds a cluster")
+        replica._prepare_dirs()
+        args = [
+            _program("pg_basebackup"), "-h", self.host, "-p", str(self.port), "-U", "postgres",
+            "-D", str(replica.data_dir), "-R", "-X", "stream", "--no-sync", "-c", "fast",
+            "-w",
+        ]  # fmt: skip
+        for attempt in (1, 2):
+            try:
+                result = _run_server_program(args, cwd=replica.data_dir.parent, timeout=300)
+            except subprocess.TimeoutExpired as exc:
+                raise ClusterError(f"pg_basebackup of {self.name} for {name} timed out") from exc
+            if result.returncode == 0 or "Permission denied" not in result.stderr or (
+                    attempt == 2):
+                break
+            # A pytest session starting meanwhile resets its temp root to 0700: reach the
+            # directory again and start over in it (pg_basebackup emptied it).
+            _make_traversable(replica.data_dir.parent)
+            replica._prepare_dirs()
+        if result.returncode != 0:
+            raise ClusterError(
+                f"pg_basebackup of {self.name} for {name} failed with exit code "
+                f"{result.returncode}:\n{result.stdout}{result.stderr}"
+            )
+        # The copy carries the primary's port file and postmaster settings: its own replace
+        # them. The roles marker came along too, rightly: a standby cannot create roles.
+        replica._write_settings()
+        replica._store_port()
+        if start:
+            replica.start()
+        return replica
+
+    def is_in_recovery(self) -> bool:
+        """Whether the server runs as a standby (``pg_is_in_recovery()``)."""
+        return self.sql("SELECT pg_is_in_recovery()") == "t"
+
+    def promote(self, timeout: float = 60) -> None:
+        """Promote a standby to a primary (``pg_ctl promote``), waiting until it is one."""
+        args = [
+            _program("pg_ctl"), "promote", "-D", str(self.data_dir), "-w", "-s",
+            "-t", str(math.ceil(timeout)),
+        ]  # fmt: skip
+        result = _run_server_program(args, cwd=self.data_dir.parent, timeout=timeout + 10)
+        if result.returncode != 0:
+            raise ClusterError(
+                f"pg_ctl promote of {self.name} failed with exit code {result.returncode}:\n"
+                f"{result.stdout}{result.stderr}\n{self.log_tail(20)}"
+            )
+        # The standby.signal written by -R is gone now; a later start() stays a primary.
+
+    def wait_streaming(self, replica: PostgresCluster, timeout: float = 30) -> None:
+        """Wait until ``replica`` streams from this server and has replayed all it has
+        written so far (``pg_stat_replication`` on this server)."""
+        # The insert position: with synchronous_commit off a commit may not be written yet,
+        # and the WAL writer sends it within wal_writer_delay.
+        target = self.sql("SELECT pg_current_wal_insert_lsn()")
+        deadline = time.monotonic() + timeout
+        query = (
+            "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
+            f"AND application_name = {_sql_literal(replica.name)} "
+            f"AND replay_lsn >= {_sql_literal(target)}::pg_lsn"
+        )
+        while True:
+            if self.sql(query) != "0":
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(
+                    f"{replica.name} did not catch up with {self.name} within {timeout:g}s:\n"
+                    f"{self.sql('SELECT * FROM pg_stat_replication')}\n{replica.log_tail(20)}"
+                )
+            time.sleep(0.05)
+
     # -- talking to it
 
     def dsn(
