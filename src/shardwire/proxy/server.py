@@ -160,6 +160,9 @@ class ClientConnection(asyncio.Protocol):
         self.unnamed: tuple[bytes, ServerConnection | None] | None = None
         self.begin_sql: bytes | None = None  # a BEGIN answered by the proxy, not yet sent
         self.tx_begin: bytes | None = None  # the client's BEGIN, for shards joining later
+        # The router (shard map) the client's open transaction began with: a RELOAD meanwhile
+        # does not move its statements (_same_map).
+        self.tx_router: StatementRouter | None = None
         self.tx: ShardTransaction | None = None  # a transaction on several shards
         self.savepoints: list[str] = []  # the open savepoints of the client's transaction
         self.wrote = False  # the transaction, still on one shard, was sent more than reads
@@ -676,6 +679,9 @@ class ClientConnection(asyncio.Protocol):
                 return True
             plan = router.plan_query(sql, self._context(), self._timezone())
             self.heat_key = router.last_key
+            if self.tx_router is not None and self.tx_router is not router:
+                plan = self._same_map(plan, self.tx_router.plan_query(
+                    sql, self._context(), self._timezone()))
             if self.proxy.gate is not None and self.heat_key is not None:
                 plan = self.proxy.gate.throttle(plan, self.heat_key)
             self._execute(plan, (kind, body), ends_unit=True)
@@ -713,6 +719,11 @@ class ClientConnection(asyncio.Protocol):
             plan = router.plan_bind(known[0], known[1], params, self._context(),
                                     self._timezone())
             self.heat_key = router.last_key
+            if self.tx_router is not None and self.tx_router is not router:
+                old = self.tx_router
+                plan = self._same_map(plan, old.plan_bind(
+                    old.prepared(known[2]), known[1], params, self._context(),
+                    self._timezone()))
             if self.proxy.gate is not None and self.heat_key is not None:
                 plan = self.proxy.gate.throttle(plan, self.heat_key)
             self._execute(plan, (kind, body), ends_unit=False)
@@ -736,6 +747,17 @@ class ClientConnection(asyncio.Protocol):
             return True  # outside COPY PostgreSQL ignores them too
         self._forward((kind, body))
         return True
+
+    def _same_map(self, plan: Plan, before: Plan) -> Plan:
+        """The plan of a statement in a transaction that began before a RELOAD changed the
+        shard map: the statement runs only if the map it began with routes it the same way;
+        otherwise the transaction would see two maps, and it fails as a serialization
+        failure does on one server (rebalancing.md: a flip during a transaction)."""
+        if plan == before:
+            return plan
+        return Refusal("40001", "the shard map changed (RELOAD) during this transaction, and "
+                       "this statement would now reach other shards than under the map the "
+                       "transaction began with", hint="roll back and retry the transaction")
 
     def _timezone(self) -> str:
         return self.settings.get("timezone", "UTC")
@@ -1110,6 +1132,7 @@ class ClientConnection(asyncio.Protocol):
 
         async def start(unit: list[tuple[int, bytes]]) -> None:
             self.begin_sql = self.tx_begin = sql
+            self.tx_router = self.proxy.router
             out = [m.BIND_COMPLETE]
             rest = 1
             for kind, _ in unit[1:]:
@@ -1214,6 +1237,7 @@ class ClientConnection(asyncio.Protocol):
     def _end_tx(self, *, released: bool = False) -> None:
         tx, self.tx = self.tx, None
         self.tx_begin = None
+        self.tx_router = None
         self.wrote = False
         self.savepoints = []
         self.shard_local = self.key_local = None
@@ -1635,10 +1659,12 @@ class ClientConnection(asyncio.Protocol):
         word = a.words[0] if a.words else ""
         if word in ("begin", "start") and self.begin_sql is None and _PLAIN_BEGIN.match(sql):
             self.begin_sql = self.tx_begin = sql
+            self.tx_router = self.proxy.router
             return m.command_complete("BEGIN")
         if self.begin_sql is not None and word in ("commit", "end", "rollback", "abort") and (
                 len(a.words) == 1 or a.words[1] in ("work", "transaction")):
             self.begin_sql = self.tx_begin = None
+            self.tx_router = None
             self.shard_local = self.key_local = None
             return m.command_complete("COMMIT" if word in ("commit", "end") else "ROLLBACK")
         return None
@@ -1749,12 +1775,14 @@ class ClientConnection(asyncio.Protocol):
         """The server answered everything sent so far."""
         if self.hop is not None and not self._hopped(conn):
             return
-        if conn.link.status == b"I" and self.tx is None:
+        status = conn.link.status
+        if status == b"I" and self.tx is None:
             if self.primary_write:  # read-your-writes counts from the end of the write
                 self.primary_write = False
                 self.wrote_at = time.monotonic()
             self.shard_local = self.key_local = None  # SET LOCAL ends with the transaction
             self.tx_begin = None
+            self.tx_router = None
             self.wrote = False
             if self.savepoints:
                 self.savepoints = []
@@ -1762,6 +1790,8 @@ class ClientConnection(asyncio.Protocol):
                 self.server = None
                 self.state = "idle"
                 conn.pool.release(conn)
+        elif status == b"T" and self.tx_router is None:
+            self.tx_router = self.proxy.router  # a BEGIN the server ran (in a query string)
         if self.waiting and not self.acquiring:
             self._resume()
         elif self.admitted is not None:
