@@ -95,6 +95,8 @@ class RebalanceSettings:
     heat_top_keys: int = 100  # keys per rule kept by each space-saving sketch
     heat_retention: float = 86400.0  # windows older than this are deleted from the catalog
     fence_timeout: float = 15.0  # a write held by a move's fence fails after this (55P03)
+    # Bytes a shard's database may hold (pg_database_size) after a move; 0: not checked.
+    max_shard_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)

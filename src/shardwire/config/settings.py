@@ -148,6 +148,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("rebalance.fence_timeout", float, _REBALANCE.fence_timeout, True,
             "Seconds a write to keys being moved waits for the move's fence before it fails "
             "with SQLSTATE 55P03.", positive=True),
+    Setting("rebalance.max_shard_bytes", int, _REBALANCE.max_shard_bytes, True,
+            "Bytes a shard's database may hold: rebalance plan proposes no move, and apply "
+            "refuses one, that would take the target's pg_database_size above it. 0: not "
+            "checked.", minimum=0),
     Setting("limits.max_transactions_per_user", int, _LIMITS.max_transactions_per_user, True,
             "Transactions one user may run at once (a statement outside BEGIN is one); more "
             "wait in a queue. 0: no limit.", minimum=0),

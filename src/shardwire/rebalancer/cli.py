@@ -8,7 +8,7 @@ import asyncio
 import datetime
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import asyncpg
@@ -26,6 +26,7 @@ from .plan import (
     plan_to_dict,
     skew,
     with_copy,
+    without_room,
 )
 from .store import StoredHeat, TableSize, connect, heat_address, read_heat, rows_where, table_sizes
 
@@ -39,6 +40,7 @@ class Survey:
     heat: StoredHeat
     sizes: dict[str, dict[TableName, TableSize]]  # shard -> its sharded tables
     unreachable: dict[str, str]  # shard -> why its sizes are missing
+    database_bytes: dict[str, int] = field(default_factory=dict)  # shard -> pg_database_size
 
     def shard_bytes(self, shard: str) -> int:
         return sum(s.bytes for s in self.sizes.get(shard, {}).values())
@@ -60,6 +62,7 @@ async def survey(config: Config, seconds: float) -> Survey:
     tables = [t for rule in config.sharding.rules.values() for t in rule.tables]
     sizes: dict[str, dict[TableName, TableSize]] = {}
     unreachable: dict[str, str] = {}
+    database_bytes: dict[str, int] = {}
     for name, shard in config.shards.items():
         try:
             conn = await connect(shard.primary)
@@ -68,9 +71,11 @@ async def survey(config: Config, seconds: float) -> Survey:
             continue
         try:
             sizes[name] = await table_sizes(conn, tables)
+            database_bytes[name] = await conn.fetchval(
+                "SELECT pg_database_size(current_database())")
         finally:
             await conn.close()
-    return Survey(heat, sizes, unreachable)
+    return Survey(heat, sizes, unreachable, database_bytes)
 
 
 def _heat_line(s: StoredHeat) -> str:
@@ -161,14 +166,16 @@ def _size(n: int | None) -> str:
 
 async def make_plan(config: Config, sv: Survey, metric: str, threshold: float
                     ) -> RebalancePlan:
-    """Measure the hot keys' rows on their shards, plan, then measure the range moves."""
+    """Measure the hot keys' rows on their shards, plan, then measure the range moves (and
+    plan again while a measured range move does not fit rebalance.max_shard_bytes)."""
     smap = config.sharding
     window = sv.heat.window
     shards = []
     for name in config.shards:
         load = window.shards.get(name)
         shards.append(ShardState(name, load_of(load.busy, load.statements, metric)
-                                 if load else 0.0, sv.shard_bytes(name), sv.shard_rows(name)))
+                                 if load else 0.0, sv.shard_bytes(name), sv.shard_rows(name),
+                                 sv.database_bytes.get(name)))
     keys: list[KeyState] = []
     conns: dict[str, Any] = {}
     try:
@@ -188,15 +195,28 @@ async def make_plan(config: Config, sv: Survey, metric: str, threshold: float
                                                     sv.sizes[k.shard])
                 keys.append(KeyState(rule_name, value, k.shard,
                                      load_of(k.busy, k.statements, metric), rows, nbytes))
-        plan = plan_moves(shards, keys, smap, threshold=threshold, metric=metric)
-        for i, move in enumerate(plan.moves):
-            if move.kind is RuleKind.RANGE and move.source in sv.sizes:
-                rule = smap.rules[move.rule]
-                conn = await _conn(config, move.source, conns)
-                rows, nbytes = await rows_where(conn, rule, {"lower": move.lower,
-                                                             "upper": move.upper},
-                                                sv.sizes[move.source])
-                plan = with_copy(plan, i, rows, nbytes)
+        capacity = config.rebalance.max_shard_bytes
+        parts: dict[tuple[str, Any, Any], tuple[int, int]] = {}
+        for _ in range(5):  # each round measures a range part planned on estimates
+            plan = plan_moves(shards, keys, smap, threshold=threshold, metric=metric,
+                              capacity=capacity, part_sizes=parts)
+            for i, move in enumerate(plan.moves):
+                if move.kind is RuleKind.RANGE and move.source in sv.sizes:
+                    part = (move.rule, move.lower, move.upper)
+                    if part not in parts:
+                        rule = smap.rules[move.rule]
+                        conn = await _conn(config, move.source, conns)
+                        parts[part] = await rows_where(conn, rule, {"lower": move.lower,
+                                                                    "upper": move.upper},
+                                                       sv.sizes[move.source])
+                    plan = with_copy(plan, i, *parts[part])
+            if not without_room(plan):
+                break
+        else:
+            late = without_room(plan)
+            plan = replace(plan, warnings=plan.warnings + tuple(
+                f"move {i + 1}: once measured, it would take {plan.moves[i].target} above "
+                f"rebalance.max_shard_bytes ({capacity}); apply will refuse it" for i in late))
     finally:
         for conn in conns.values():
             await conn.close()
@@ -264,8 +284,7 @@ def rebalance_command(args: Any, config: Config) -> int:
         return 2
     info = {"created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ"),
             "config": config.path, "heat": _heat_line(sv.heat)}
-    data = plan_to_dict(RebalancePlan(plan.metric, plan.threshold, plan.before, plan.after,
-                                      plan.moves, plan.warnings, info))
+    data = plan_to_dict(replace(plan, info=info))
     text = ("# shardwire rebalance plan (docs/rebalancing.md). Edit it if you like: remove a "
             "move, change its 'to'.\n"
             + yaml.safe_dump(data, sort_keys=False, allow_unicode=True))

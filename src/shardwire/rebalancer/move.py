@@ -54,6 +54,7 @@ from ..router.values import to_key
 from .catalog import CHANNEL, acks, ensure_schema, live_proxies
 from .mapfile import MapFileError, place_keys, split_range, write_atomically
 from .plan import HASH_REFUSAL
+from .store import table_sizes
 
 log = logging.getLogger("shardwire.rebalance")
 
@@ -402,6 +403,8 @@ class Mover:
             if workers < 2:
                 raise MoveError(f"shard {move.target}: max_logical_replication_workers = "
                                 f"{workers}; a move needs 2. Fix: raise it (restart)")
+        if move.step == "started":
+            await self.check_room(move, src, dst)
         # Rows of these keys already on the target (left over, or written around the proxy)
         # would collide with the copy: refuse before the subscription exists.
         exists = await dst.fetchval("SELECT 1 FROM pg_subscription WHERE subname = $1",
@@ -419,6 +422,33 @@ class Mover:
                         f"{table}, which the map places on {move.source}. Fix: delete them "
                         f"there (DELETE FROM {_table(table)} WHERE {move.condition(column)}), "
                         "or choose another target")
+
+    async def check_room(self, move: MoveState, src: Any, dst: Any) -> None:
+        """Refuse a move the target has no room for (rebalance.max_shard_bytes): the target
+        database's size plus the moving rows' bytes, at each table's average row size (table,
+        indexes and TOAST), as `rebalance plan` counts them."""
+        capacity = self.config.rebalance.max_shard_bytes
+        if capacity <= 0:
+            return
+        sizes = await table_sizes(src, list(move.rule.tables))
+        nbytes = 0
+        for table, column in move.rule.tables.items():
+            size = sizes.get(table)
+            if size is None or size.rows <= 0:
+                continue
+            count = await src.fetchval(f"SELECT count(*) FROM {_table(table)} "
+                                       f"WHERE {move.condition(column)}")
+            nbytes += count * size.bytes // size.rows
+        held = await dst.fetchval("SELECT pg_database_size(current_database())")
+        if held + nbytes > capacity:
+            raise MoveError(
+                f"{move.describe()}: shard {move.target} has no room: its database holds "
+                f"{held} bytes ({_size(held)}), the move copies about {nbytes} bytes "
+                f"({_size(nbytes)}), together {_size(held + nbytes)}, over "
+                f"rebalance.max_shard_bytes = {capacity} ({_size(capacity)}). Fix: choose "
+                "another target (rebalance plan proposes one with room), free space on "
+                f"{move.target} (VACUUM FULL, drop what is not needed), or, if its disk has "
+                "room, raise rebalance.max_shard_bytes")
 
     # 1. schema
 

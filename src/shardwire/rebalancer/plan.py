@@ -5,6 +5,11 @@ bytes), and the shard map. Output: a `RebalancePlan`, moves that bring every sha
 under `threshold` × the mean load where the measured keys allow it, and warnings where they
 do not.
 
+With a `capacity` (`rebalance.max_shard_bytes`), a shard is a target only if its database
+size plus the bytes the move copies stays within it: the free disk of a server cannot be
+read through SQL, so the operator says how much a shard may hold, and `apply` refuses the
+same moves (move.py).
+
 A move takes one unit of placement to another shard: a tenant, a category value, a set of
 lookup keys, or part of a range (split at a hot key's value, or the whole range). Only load
 the heat statistics attribute to keys can move: load that no tracked key carries is assumed
@@ -45,6 +50,8 @@ class ShardState:
     load: float
     bytes: int = 0
     rows: int = 0
+    # pg_database_size of the shard's database (None: not measured), for the capacity check.
+    database_bytes: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +102,7 @@ class RebalancePlan:
     moves: tuple[Move, ...] = ()
     warnings: tuple[str, ...] = ()
     info: dict[str, Any] = field(default_factory=dict)  # where the heat came from, etc.
+    capacity: int = 0  # rebalance.max_shard_bytes the plan kept to (0: not checked)
 
     @property
     def mean(self) -> float:
@@ -125,15 +133,25 @@ class _Option:
     targets: tuple[str, ...]  # where it may go
 
 
+PartSizes = Mapping[tuple[str, KeyValue | None, KeyValue | None], tuple[int, int]]
+
+
 def plan_moves(shards: Sequence[ShardState], keys: Sequence[KeyState], smap: ShardMap, *,
-               threshold: float = DEFAULT_THRESHOLD, metric: str = "busy") -> RebalancePlan:
+               threshold: float = DEFAULT_THRESHOLD, metric: str = "busy", capacity: int = 0,
+               part_sizes: PartSizes | None = None) -> RebalancePlan:
     """Moves that bring every shard's load to at most `threshold` × the mean load.
 
     Greedy: while a shard is over the limit, take the hottest such shard and, among the
     moves of its measured units to the coolest shard that stays under the limit, pick the one
     that brings the source under the limit if any does, else the one leaving the smaller of
     the two loads the larger; ties go to the move that copies fewer bytes. Each unit moves
-    at most once. A shard that no unit can relieve gets a warning instead."""
+    at most once. A shard that no unit can relieve gets a warning instead.
+
+    With `capacity` > 0, a target must also have room: its database size (plus what earlier
+    moves put there) plus the move's bytes at most `capacity`; a shard whose database size
+    is unknown is no target. A source does not get smaller: PostgreSQL keeps the space of
+    deleted rows for later writes. `part_sizes` gives measured (rows, bytes) of range parts,
+    by (rule, lower, upper), where the hot keys alone would underestimate them."""
     if threshold < 1:
         raise ValueError("the threshold is a multiple of the mean load: at least 1")
     state = {s.name: s for s in shards}
@@ -143,13 +161,15 @@ def plan_moves(shards: Sequence[ShardState], keys: Sequence[KeyState], smap: Sha
     loads = {name: s.load for name, s in state.items()}
     sizes = {name: s.bytes for name, s in state.items()}
     rows = {name: s.rows for name, s in state.items()}
+    database = {name: s.database_bytes for name, s in state.items()}
     total = sum(loads.values())
     limit = threshold * total / len(loads) if loads else 0.0
     warnings: list[str] = []
     if total <= 0:
         warnings.append("no heat recorded: nothing to balance (are the proxies flushing heat "
                         "to the catalog? see rebalance.heat_flush_interval)")
-        return RebalancePlan(metric, threshold, before, before, (), tuple(warnings))
+        return RebalancePlan(metric, threshold, before, before, (), tuple(warnings),
+                             capacity=capacity)
     keys = _placed(keys, smap, warnings)
     used: set[tuple[object, ...]] = set()
     stuck: set[str] = set()
@@ -170,11 +190,16 @@ def plan_moves(shards: Sequence[ShardState], keys: Sequence[KeyState], smap: Sha
                     "of a hash rule cannot move on its own and changing the rule's shards "
                     "moves most of its keys: not planned")
         best: tuple[tuple[bool, float, int], Move, tuple[object, ...]] | None = None
-        for option in _options(source, keys, smap, used):
+        no_room: list[str] = []
+        for option in _options(source, keys, smap, used, part_sizes or {}):
             load = option.move.load
             if load <= _EPSILON:
                 continue
             fits = [t for t in option.targets if t != source and loads[t] + load <= limit]
+            roomy = [t for t in fits if _has_room(database[t], option.move.bytes, capacity)]
+            if fits and not roomy:
+                no_room.append(_no_room(option.move, fits, database, capacity))
+            fits = roomy
             if not fits:
                 continue
             target = min(fits, key=lambda t: (loads[t], t))
@@ -186,7 +211,14 @@ def plan_moves(shards: Sequence[ShardState], keys: Sequence[KeyState], smap: Sha
                 best = (score, replace(option.move, target=target), option.unit)
         if best is None:
             stuck.add(source)
-            warnings.append(_why_stuck(source, loads, limit, keys, smap, used))
+            why = _why_stuck(source, loads, limit, keys, smap, used)
+            if no_room:
+                why = (f"{source} stays above the limit ({loads[source]:.4g} > {limit:.4g}): "
+                       f"no target has room (rebalance.max_shard_bytes = {capacity}): "
+                       + "; ".join(no_room[:3]) + ". Fix: raise rebalance.max_shard_bytes if "
+                       "the target's disk has room, free space there (VACUUM FULL), or add a "
+                       "shard")
+            warnings.append(why)
             continue
         _, move, unit = best
         used.add(unit)
@@ -197,12 +229,30 @@ def plan_moves(shards: Sequence[ShardState], keys: Sequence[KeyState], smap: Sha
         sizes[move.target] += move.bytes
         rows[move.source] = max(rows[move.source] - move.rows, 0)
         rows[move.target] += move.rows
+        if database[move.target] is not None:
+            database[move.target] = (database[move.target] or 0) + move.bytes
         moves.append(replace(move, source_load=loads[move.source],
                              target_load=loads[move.target], source_bytes=sizes[move.source],
                              target_bytes=sizes[move.target]))
-    after = {name: ShardState(name, loads[name], sizes[name], rows[name]) for name in loads}
+    after = {name: ShardState(name, loads[name], sizes[name], rows[name], database[name])
+             for name in loads}
     return RebalancePlan(metric, threshold, before, after, tuple(_grouped(moves)),
-                         tuple(warnings))
+                         tuple(warnings), capacity=capacity)
+
+
+def _has_room(database_bytes: int | None, nbytes: int, capacity: int) -> bool:
+    if capacity <= 0:
+        return True
+    return database_bytes is not None and database_bytes + nbytes <= capacity
+
+
+def _no_room(move: Move, targets: Sequence[str], database: Mapping[str, int | None],
+             capacity: int) -> str:
+    what = (f"range [{move.lower}, {move.upper})" if move.kind is RuleKind.RANGE
+            else f"{move.kind.value} {', '.join(map(str, move.keys))}")
+    sizes = ", ".join(f"{t} holds {'an unknown size' if database[t] is None else database[t]}"
+                      for t in targets)
+    return f"{move.rule} {what} ({move.bytes} bytes) fits on no shard: {sizes}"
 
 
 def _placed(keys: Sequence[KeyState], smap: ShardMap, warnings: list[str]) -> list[KeyState]:
@@ -232,7 +282,7 @@ def _placed(keys: Sequence[KeyState], smap: ShardMap, warnings: list[str]) -> li
 
 
 def _options(source: str, keys: Sequence[KeyState], smap: ShardMap,
-             used: set[tuple[object, ...]]) -> list[_Option]:
+             used: set[tuple[object, ...]], part_sizes: PartSizes) -> list[_Option]:
     out: list[_Option] = []
     ranged: dict[tuple[str, int], list[KeyState]] = {}
     for k in keys:
@@ -251,7 +301,7 @@ def _options(source: str, keys: Sequence[KeyState], smap: ShardMap,
                 ranged.setdefault((k.rule, index), []).append(k)
     for (rule_name, index), inside in ranged.items():
         rule = smap.rules[rule_name]
-        out.extend(_range_options(rule, index, inside, smap.shards))
+        out.extend(_range_options(rule, index, inside, smap.shards, part_sizes))
     return out
 
 
@@ -266,7 +316,7 @@ def _range_index(rule: Rule, key: KeyValue) -> int | None:
 
 
 def _range_options(rule: Rule, index: int, inside: list[KeyState],
-                   shards: Sequence[str]) -> list[_Option]:
+                   shards: Sequence[str], part_sizes: PartSizes) -> list[_Option]:
     """Each split at a hot key's value with either side moving, and the whole range."""
     r: RangeBound = rule.ranges[index]
     inside = sorted(inside, key=lambda k: k.key)
@@ -274,10 +324,13 @@ def _range_options(rule: Rule, index: int, inside: list[KeyState],
 
     def part(keys: list[KeyState], lower: KeyValue | None, upper: KeyValue | None,
              split_at: KeyValue | None) -> _Option:
+        measured = part_sizes.get((rule.name, lower, upper))
+        nrows, nbytes = measured or (sum(k.rows or 0 for k in keys),
+                                     sum(k.bytes or 0 for k in keys))
         return _Option(Move(
             rule.name, RuleKind.RANGE, r.shard, "", lower=lower, upper=upper, split_at=split_at,
-            load=sum(k.load for k in keys), rows=sum(k.rows or 0 for k in keys),
-            bytes=sum(k.bytes or 0 for k in keys), measured=False), unit, tuple(shards))
+            load=sum(k.load for k in keys), rows=nrows, bytes=nbytes,
+            measured=measured is not None), unit, tuple(shards))
 
     options = []
     for i, k in enumerate(inside):
@@ -350,14 +403,18 @@ def with_copy(plan: RebalancePlan, index: int, rows: int, nbytes: int) -> Rebala
     moves[index] = replace(moves[index], rows=rows, bytes=nbytes, measured=True)
     sizes = {name: s.bytes for name, s in plan.before.items()}
     counts = {name: s.rows for name, s in plan.before.items()}
+    database = {name: s.database_bytes for name, s in plan.before.items()}
     for i, move in enumerate(moves):
         sizes[move.source] = max(sizes[move.source] - move.bytes, 0)
         sizes[move.target] += move.bytes
         counts[move.source] = max(counts[move.source] - move.rows, 0)
         counts[move.target] += move.rows
+        if database[move.target] is not None:
+            database[move.target] = (database[move.target] or 0) + move.bytes
         moves[i] = replace(move, source_bytes=sizes[move.source],
                            target_bytes=sizes[move.target])
-    after = {name: replace(s, bytes=sizes[name], rows=counts[name])
+    after = {name: replace(s, bytes=sizes[name], rows=counts[name],
+                           database_bytes=database[name])
              for name, s in plan.after.items()}
     return replace(plan, moves=tuple(moves), after=after)
 
@@ -381,12 +438,15 @@ def key_to_yaml(value: KeyValue) -> object:
 
 def plan_to_dict(plan: RebalancePlan) -> dict[str, Any]:
     """The plan as plain data, in the order an operator reads it (docs/rebalancing.md)."""
-    shards = {}
+    shards: dict[str, dict[str, Any]] = {}
     for name, s in plan.before.items():
         a = plan.after[name]
         shards[name] = {"load": _round(s.load), "bytes": s.bytes, "rows": s.rows,
                         "load_after": _round(a.load), "bytes_after": a.bytes,
                         "rows_after": a.rows}
+        if s.database_bytes is not None:  # pg_database_size, for rebalance.max_shard_bytes
+            shards[name].update(database_bytes=s.database_bytes,
+                                database_bytes_after=a.database_bytes)
     moves = []
     for i, mv in enumerate(plan.moves, 1):
         item: dict[str, Any] = {"id": i, "rule": mv.rule, "kind": mv.kind.value}
@@ -414,10 +474,26 @@ def plan_to_dict(plan: RebalancePlan) -> dict[str, Any]:
         "limit": _round(plan.limit),
         "skew_before": _round(skew({n: s.load for n, s in plan.before.items()})),
         "skew_after": _round(skew({n: s.load for n, s in plan.after.items()})),
+        **({"max_shard_bytes": plan.capacity} if plan.capacity else {}),
         "shards": shards,
         "moves": moves,
         "warnings": list(plan.warnings),
     }
+
+
+def without_room(plan: RebalancePlan) -> list[int]:
+    """The moves (indexes) whose target would exceed `plan.capacity`, in the sizes the plan
+    has now (after `with_copy` measured its range moves)."""
+    if plan.capacity <= 0:
+        return []
+    database = {name: s.database_bytes for name, s in plan.before.items()}
+    out = []
+    for i, move in enumerate(plan.moves):
+        if not _has_room(database[move.target], move.bytes, plan.capacity):
+            out.append(i)
+        elif database[move.target] is not None:
+            database[move.target] = (database[move.target] or 0) + move.bytes
+    return out
 
 
 def _round(x: float) -> float:
