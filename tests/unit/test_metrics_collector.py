@@ -110,8 +110,8 @@ def test_an_idle_proxy_exports_every_family_at_zero() -> None:
     samples = scrape(proxy)
     for state in ("login", "starting", "idle", "active", "waiting", "admin"):
         assert samples[("shardwire_clients", (("state", state),))] == 0
-    for shard in ("s1", "s2"):
-        labels = (("role", "primary"), ("shard", shard))
+    for shard, port in (("s1", 1), ("s2", 2)):
+        labels = (("role", "primary"), ("server", f"127.0.0.1:{port}"), ("shard", shard))
         for name in ("shardwire_queries_total", "shardwire_transactions_total",
                      "shardwire_sent_bytes_total", "shardwire_received_bytes_total",
                      "shardwire_waits_total", "shardwire_wait_seconds_total",
@@ -119,6 +119,7 @@ def test_an_idle_proxy_exports_every_family_at_zero() -> None:
                      "shardwire_waiting_clients", "shardwire_max_wait_seconds"):
             assert samples[(name, labels)] == 0, name
         assert samples[("shardwire_pool_size", labels)] == 20
+        assert samples[("shardwire_server_up", labels)] == 1
         for state in ("active", "idle", "connecting"):
             assert samples[("shardwire_server_connections", (*labels, ("state", state)))] == 0
     for name in ("shardwire_route_cache_hits_total", "shardwire_route_cache_misses_total",
@@ -179,9 +180,13 @@ def test_the_docs_and_the_dashboard_name_exactly_the_metrics_exported() -> None:
     from shardwire.proxy.twophase import RecoveryReport
 
     async def build() -> Proxy:
-        return Proxy(parse_config(config_text(), env={}))
+        shards = {**BASE["shards"], "s2": {"primary": "postgresql://u@127.0.0.1:2/app",
+                                           "replicas": ["postgresql://u@127.0.0.1:3/app"]}}
+        return Proxy(parse_config(config_text(shards=shards), env={}))
 
     proxy = asyncio.run(build())
+    replica = next(p for p in proxy.pools.values() if p.is_replica)
+    replica.lag = 0.25  # as a health check measured it
     proxy.metrics.recovered(RecoveryReport())
     proxy.metrics.refused["0A"] += 1
     exported = {name for name, _ in scrape(proxy) if name.startswith("shardwire_")}
@@ -196,6 +201,32 @@ def test_the_docs_and_the_dashboard_name_exactly_the_metrics_exported() -> None:
     assert exported - used == {"shardwire_clients_limit", "shardwire_info"}
     variables = [v["definition"] for v in dashboard["templating"]["list"]]
     assert all("shardwire_info" in v for v in variables)
+
+
+def test_each_server_of_a_shard_has_its_own_series_and_a_replica_its_lag() -> None:
+    async def build() -> Proxy:
+        shards = {**BASE["shards"], "s2": {"primary": "postgresql://u@127.0.0.1:2/app",
+                                           "replicas": ["postgresql://u@127.0.0.1:3/app",
+                                                        "postgresql://u@127.0.0.1:4/app"]}}
+        return Proxy(parse_config(config_text(shards=shards), env={}))
+
+    proxy = asyncio.run(build())
+    replicas = sorted((p for p in proxy.pools.values() if p.is_replica),
+                      key=lambda p: p.address.port)
+    replicas[0].lag, replicas[1].up = 1.5, False
+    samples = scrape(proxy)
+    sizes = {labels: v for (name, labels), v in samples.items()
+             if name == "shardwire_pool_size" and ("shard", "s2") in labels}
+    assert set(sizes) == {tuple(sorted({"shard": "s2", "role": role, "server": server}.items()))
+                          for role, server in (("primary", "127.0.0.1:2"),
+                                               ("replica", "127.0.0.1:3"),
+                                               ("replica", "127.0.0.1:4"))}
+    lags = {dict(labels)["server"]: v for (name, labels), v in samples.items()
+            if name == "shardwire_replica_lag_seconds"}
+    assert lags == {"127.0.0.1:3": 1.5}  # the other was not measured yet
+    ups = {dict(labels)["server"]: v for (name, labels), v in samples.items()
+           if name == "shardwire_server_up" and ("shard", "s2") in labels}
+    assert ups == {"127.0.0.1:2": 1, "127.0.0.1:3": 1, "127.0.0.1:4": 0}
 
 
 def test_a_port_already_taken_is_logged_and_the_proxy_goes_on_without_the_endpoint(

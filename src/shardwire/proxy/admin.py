@@ -25,7 +25,6 @@ from ..router.shardmap import canonical_text
 from .protocol import messages as m
 from .protocol.errors import PgError
 from .protocol.framing import FRONTEND_TYPES, FrameError, MessageReader
-from .workers import config_stamp
 
 if TYPE_CHECKING:
     from .server import ClientConnection, Proxy
@@ -318,7 +317,7 @@ class AdminSession:
             return cols, figures.workers_rows(), ""
         queries = sum(pool.stats.queries for pool in self.proxy.pools.values())
         return cols, [(0, os.getpid(), len(self.proxy.clients), queries, 0.0,
-                       config_stamp(self.proxy.config), True)], ""
+                       self.proxy.config_stamp, True)], ""
 
     def show_state(self) -> Result:
         """Running, paused or shutting down, and the admission figures (admission.py)."""

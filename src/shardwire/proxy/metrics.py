@@ -147,7 +147,7 @@ class ProxyCollector(Collector):
             value=proxy.config.listen.max_client_connections)
 
     def _pools(self, proxy: Proxy) -> Iterator[Metric]:
-        labels = ["shard", "role"]
+        labels = ["shard", "role", "server"]
         servers = GaugeMetricFamily(
             "shardwire_server_connections", "Server connections by state: active (held by a "
             "client or being reset), idle (in the pool), connecting.",
@@ -188,9 +188,20 @@ class ProxyCollector(Collector):
                 "shardwire_server_errors", "ErrorResponses from the shard server to "
                 "statements relayed to one shard.", labels=labels),
         }
+        up = GaugeMetricFamily(
+            "shardwire_server_up", "1 while the server is in rotation, 0 while health checks "
+            "(or a failed connect) keep it out (docs/operations.md).", labels=labels)
+        lag = GaugeMetricFamily(
+            "shardwire_replica_lag_seconds", "A replica's replay lag as its last health check "
+            "measured it (an upper bound: docs/operations.md); absent until measured.",
+            labels=labels, unit="seconds")
         now = time.monotonic()
         for pool in list(proxy.pools.values()):
-            values = [pool.shard, pool.role]
+            address = pool.address
+            values = [pool.shard, pool.role, f"{address.host}:{address.port}"]
+            up.add_metric(values, 1 if pool.up else 0)
+            if pool.is_replica and pool.lag is not None:
+                lag.add_metric(values, pool.lag)
             servers.add_metric([*values, "active"], len(pool.active))
             servers.add_metric([*values, "idle"], len(pool.idle))
             servers.add_metric([*values, "connecting"], pool.connecting)
@@ -201,7 +212,7 @@ class ProxyCollector(Collector):
             stats = pool.stats
             for name, family in counters.items():
                 family.add_metric(values, getattr(stats, name))
-        yield from (servers, size, waiting, max_wait, *counters.values())
+        yield from (servers, size, waiting, max_wait, up, lag, *counters.values())
 
     def _routing(self, proxy: Proxy) -> Iterator[Metric]:
         router = proxy.router  # RELOAD replaces it (and its counts) with a new one

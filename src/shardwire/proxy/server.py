@@ -77,7 +77,7 @@ from .protocol.relay import ClientStatements
 from .replicas import ReplicaSet, parse_target_setting, plain_read, read_only_begin
 from .routing import StatementRouter, parse_param_types, read_bind
 from .scatter import ScatterRead
-from .workers import WorkerFigures, WorkerRole
+from .workers import WorkerFigures, WorkerRole, config_stamp
 
 log = logging.getLogger("shardwire")
 
@@ -1880,6 +1880,9 @@ class Proxy:
 
     def _apply_config(self, config: Config) -> None:
         self.config = config
+        # The file's modification time as it was loaded (SHOW WORKERS): the same on every
+        # worker that loaded the same version of the file.
+        self.config_stamp = config_stamp(config)
         self.admission.configure(config.limits)
         smap = getattr(config, "sharding", None) or ShardMap(tuple(config.shards),
                                                              config.default_shard)

@@ -59,8 +59,11 @@ READY_TIMEOUT = 60.0  # seconds the parent waits for every worker's first snapsh
 RESTART_DELAY = 1.0  # seconds before a worker that died is started again
 MAX_WORKERS = 64
 
-# Metric families that do not add up over workers: the largest value counts, or one copy.
-_LARGEST = {"shardwire_max_wait_seconds", "shardwire_paused"}
+# Metric families that do not add up over workers: the largest value counts (the worst lag,
+# the longest wait), the smallest (a server any worker's checks keep out is shown out), or
+# one copy.
+_LARGEST = {"shardwire_max_wait_seconds", "shardwire_paused", "shardwire_replica_lag_seconds"}
+_SMALLEST = {"shardwire_server_up"}
 _ONCE = {"shardwire_info"}
 
 
@@ -159,7 +162,7 @@ class WorkerFigures:
                      "unit": f.unit, "samples": [[s.name, s.labels, s.value] for s in f.samples]}
                     for f in ProxyCollector(proxy.metrics).collect()]
         return {"index": self.role.index, "pid": os.getpid(), "time": time.time(),
-                "clients": len(proxy.clients), "config_loaded": config_stamp(proxy.config),
+                "clients": len(proxy.clients), "config_loaded": proxy.config_stamp,
                 "pools": pools, "metrics": families}
 
     def all_snapshots(self) -> list[dict[str, Any]]:
@@ -206,8 +209,9 @@ class WorkerFigures:
 
 
 def config_stamp(config: Config) -> str:
-    """When the config in force was read: the file's modification time (an operator can
-    check after SIGHUP that every worker shows the new one)."""
+    """The config file's modification time now, read when the config is loaded: every worker
+    that loaded the same version of the file shows the same stamp (an operator can check after
+    SIGHUP that every worker shows the new one)."""
     path = config.path
     try:
         mtime = os.stat(path).st_mtime if path else None
@@ -270,6 +274,8 @@ class WorkersCollector(Collector):
                         seen[key] = value
                     elif name in _LARGEST:
                         seen[key] = max(seen[key], value)
+                    elif name in _SMALLEST:
+                        seen[key] = min(seen[key], value)
                     elif name not in _ONCE:
                         seen[key] += value
         for name, family in families.items():
