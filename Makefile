@@ -35,6 +35,8 @@ bench: $(STAMP)
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/sharded.py
 	$(PY) bench/scatter.py
 	$(PY) bench/transactions.py
+	BENCH_SECONDS=5 $(PY) bench/replicas.py
+	BENCH_SECONDS=5 $(PY) bench/workers.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench
