@@ -83,10 +83,12 @@ class ProxyProcess:
             self.proc.send_signal(sig)
 
     def stop(self, timeout: float = 10) -> None:
+        """Stop at once: SIGINT (SIGTERM would let open transactions run on for up to
+        `shutdown_timeout`, which tests test on their own)."""
         if self.proc is None:
             return
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            self.proc.send_signal(signal.SIGINT)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
