@@ -614,17 +614,25 @@ class PostgresCluster:
     def wait_streaming(self, replica: PostgresCluster, timeout: float = 30) -> None:
         """Wait until ``replica`` streams from this server and has replayed all it has
         written so far (``pg_stat_replication`` on this server)."""
-        # The insert position: with synchronous_commit off a commit may not be written yet,
-        # and the WAL writer sends it within wal_writer_delay.
-        target = self.sql("SELECT pg_current_wal_insert_lsn()")
+        # A commit flushed at once (synchronous_commit is off on test clusters) flushes all
+        # the WAL before it: the flush position then covers everything written so far. The
+        # transaction must write WAL of its own, or its commit is not flushed. (The insert
+        # position would not do: right after a segment switch it points past a page header
+        # where no record is yet, until the next WAL activity, up to 15 s later.)
+        self.sql("BEGIN; SET LOCAL synchronous_commit = on; "
+                 "SELECT pg_catalog.pg_logical_emit_message(true, 'shardwire.testing', ''); "
+                 "COMMIT")
+        target = self.sql("SELECT pg_current_wal_flush_lsn()")
         deadline = time.monotonic() + timeout
-        query = (
+        streaming = (
             "SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming' "
-            f"AND application_name = {_sql_literal(replica.name)} "
-            f"AND replay_lsn >= {_sql_literal(target)}::pg_lsn"
+            f"AND application_name = {_sql_literal(replica.name)}"
         )
+        # Asked of the replica itself: the primary's replay_lsn is only as fresh as the
+        # replica's last status message (wal_receiver_status_interval, 10 s by default).
+        replayed = f"SELECT pg_last_wal_replay_lsn() >= {_sql_literal(target)}::pg_lsn"
         while True:
-            if self.sql(query) != "0":
+            if self.sql(streaming) != "0" and replica.sql(replayed) == "t":
                 return
             if time.monotonic() > deadline:
                 raise ClusterError(
