@@ -15,7 +15,7 @@ from pathlib import Path
 import asyncpg
 import psycopg
 import pytest
-from conftest import APP_PASSWORD, SESSION_PASSWORD
+from conftest import ADMIN_PASSWORD, APP_PASSWORD, SESSION_PASSWORD
 from replication import (
     TABLE,
     ReplicatedShards,
@@ -177,6 +177,72 @@ def test_read_your_writes(cluster: ReplicatedShards, tmp_path: Path) -> None:
             writer.execute(f"delete from {TABLE} where id = 200")
     finally:
         proxy.stop()
+
+
+def test_read_your_writes_per_rule(cluster: ReplicatedShards, tmp_path: Path) -> None:
+    """A rule's own `read_your_writes` decides for reads by one key of that rule; other
+    reads follow `replicas.read_your_writes`; any write of the session starts the time."""
+    (p1, p2), (r1, r2) = cluster.primaries, cluster.replicas
+    notes = "rw_notes"  # the table of a second rule, without the option
+    for i, (p, r) in enumerate(zip(cluster.primaries, cluster.replicas, strict=True), 1):
+        p.sql(f"create table {notes} (tenant_id int not null, id int not null, note text, "
+              f"primary key (tenant_id, id)); insert into {notes} values ({i}, 0, 'seed')",
+              dbname="app")
+        p.wait_streaming(r)  # the replicas have the table before any read of it
+    read_notes = (f"select inet_server_port(), pg_is_in_recovery() from {notes} "
+                  "where tenant_id = %s limit 1")
+    hold = 3.0
+    rules = cluster.config()["sharding"]["rules"]
+    rules["by_tenant"]["read_your_writes"] = hold
+    rules["by_note"] = {"kind": "tenant", "column": "tenant_id", "tables": [notes],
+                        "tenants": {1: "s1", 2: "s2"}, "default": "s1"}
+    # A generous max_lag: only read-your-writes may send a read to a primary here.
+    config = cluster.config(replicas={"read_your_writes": 0, "max_lag": 60},
+                            sharding={"rules": rules})
+    proxy = start_proxy(config, tmp_path)
+    try:
+        with app_connect(proxy) as conn:
+            assert where(conn, 1) == (r1.port, True)  # no write yet
+            conn.execute(f"insert into {TABLE} (tenant_id, id, note) values (1, 400, 'mine')")
+            written = time.monotonic()
+            # The rule's reads go to the primary (of any shard: the session wrote) and see
+            # the write.
+            assert conn.execute(f"select inet_server_port(), note from {TABLE} "
+                                "where tenant_id = %s and id = 400", [1]).fetchone() == (
+                p1.port, "mine")
+            assert where(conn, 2) == (p2.port, False)
+            # Another rule's table: the global option (0) lets its reads go to a replica.
+            assert where(conn, 1, read_notes) == (r1.port, True)
+            assert where(conn, 2, read_notes) == (r2.port, True)
+            # A read of the rule's table that names no single key follows the global option.
+            assert conn.execute(f"select inet_server_port(), pg_is_in_recovery() from {TABLE} "
+                                "where tenant_id in (1, 3) limit 1").fetchone() == (
+                r1.port, True)
+            assert time.monotonic() - written < hold, "too slow to show the hold"
+            time.sleep(max(0.0, written + hold + 0.2 - time.monotonic()))
+            assert where(conn, 1) == (r1.port, True)  # the time is over
+            assert where(conn, 2) == (r2.port, True)
+            # A write through the other rule starts the rule's time as well.
+            conn.execute(f"insert into {notes} (tenant_id, id, note) values (1, 1, 'other')")
+            assert where(conn, 1) == (p1.port, False)
+            assert where(conn, 1, read_notes) == (r1.port, True)
+            conn.execute(f"delete from {TABLE} where id = 400")
+        # The other way round, after a RELOAD: the global option holds reads on primaries,
+        # the rule's 0 does not.
+        rules["by_tenant"]["read_your_writes"] = 0
+        config["replicas"] = {"read_your_writes": hold, "max_lag": 60}
+        proxy.write_config(config)
+        with psycopg.connect(proxy.dsn("admin", ADMIN_PASSWORD, database="shardwire"),
+                             autocommit=True) as admin:
+            admin.execute("RELOAD")
+        with app_connect(proxy) as conn:
+            conn.execute(f"update {TABLE} set note = note where tenant_id = %s", [1])
+            assert where(conn, 1) == (r1.port, True)
+            assert where(conn, 1, read_notes) == (p1.port, False)
+    finally:
+        proxy.stop()
+        for p in cluster.primaries:
+            p.sql(f"drop table if exists {notes}", dbname="app")
 
 
 def test_a_lagging_replica_is_skipped(cluster: ReplicatedShards, proxy: ProxyProcess) -> None:

@@ -8,6 +8,7 @@ import hashlib
 import re
 import textwrap
 import uuid
+from dataclasses import replace
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -207,6 +208,95 @@ def test_a_category_rule_may_have_only_a_default() -> None:
 def test_rule_shards_follow_the_config_order() -> None:
     rule = shard_map(one_rule(tenants={5: "s3", 6: "s2", 7: "s3"}, default="s1")).rules["r"]
     assert rule.shards == ("s3", "s2", "s1")
+
+
+# --- read_your_writes (docs/operations.md, "Reading your own writes") ------------------------
+
+# One rule of each kind, as one_rule's fields (every kind routes by a key, so every kind takes
+# read_your_writes).
+EACH_KIND = {
+    "tenant": {},
+    "category": {"kind": "category", "type": "text", "values": {"books": "s2"}},
+    "range": {"kind": "range", "default": ..., "ranges": [{"from": 1, "shard": "s2"}]},
+    "lookup": {"kind": "lookup", "default": ...},
+    "hash": {"kind": "hash", "default": ..., "shards": ["s2", "s3"]},
+}
+
+
+@pytest.mark.parametrize("kind", EACH_KIND)
+def test_every_kind_of_rule_takes_its_own_read_your_writes(kind: str) -> None:
+    rule = shard_map(one_rule(**EACH_KIND[kind], read_your_writes=2.5)).rules["r"]
+    assert (rule.kind.value, rule.read_your_writes) == (kind, 2.5)
+    # The rest of the rule is what it is without the option.
+    assert rule == replace(shard_map(one_rule(**EACH_KIND[kind])).rules["r"],
+                           read_your_writes=2.5)
+
+
+def test_read_your_writes_left_out_means_the_global_option() -> None:
+    assert shard_map(one_rule()).rules["r"].read_your_writes is None
+    assert shard_map(one_rule(read_your_writes=None)).rules["r"].read_your_writes is None
+
+
+def test_read_your_writes_zero_and_whole_seconds() -> None:
+    zero = shard_map(one_rule(read_your_writes=0)).rules["r"].read_your_writes
+    assert zero == 0.0 and zero is not None  # 0: this rule's reads never wait for the primary
+    three = shard_map(one_rule(read_your_writes=3)).rules["r"].read_your_writes
+    assert (three, type(three)) == (3.0, float)
+
+
+def test_a_changed_read_your_writes_changes_the_map() -> None:
+    # RELOAD compares maps: a new value must count as a change so that it is applied.
+    assert shard_map(one_rule(read_your_writes=1)) == shard_map(one_rule(read_your_writes=1))
+    assert shard_map(one_rule(read_your_writes=1)) != shard_map(one_rule(read_your_writes=2))
+    assert shard_map(one_rule(read_your_writes=1)) != shard_map(one_rule())
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (-1, "must be a finite number of seconds, at least 0 (0 sends this rule's reads to "
+             "replicas even right after a write), got -1"),
+        (-0.5, "must be a finite number of seconds, at least 0 (0 sends this rule's reads to "
+               "replicas even right after a write), got -0.5"),
+        (float("inf"), "must be a finite number of seconds, at least 0 (0 sends this rule's "
+                       "reads to replicas even right after a write), got inf"),
+        (float("nan"), "must be a finite number of seconds, at least 0 (0 sends this rule's "
+                       "reads to replicas even right after a write), got nan"),
+        ("2", "expected a number of seconds, got a string ('2')"),
+        (True, "expected a number of seconds, got a boolean (true)"),
+        ([2], "expected a number of seconds, got a list"),
+        ({"seconds": 2}, "expected a number of seconds, got a mapping"),
+    ],
+)
+def test_read_your_writes_problems(value: object, expected: str) -> None:
+    assert only_problem(one_rule(read_your_writes=value)) == (
+        f"sharding.rules.r.read_your_writes: {expected}")
+
+
+def test_a_wrong_read_your_writes_is_reported_with_the_rest_of_the_rule() -> None:
+    found = problems(one_rule(kind="range", default=..., read_your_writes=-2))
+    assert found == [
+        "sharding.rules.r.read_your_writes: must be a finite number of seconds, at least 0 (0 "
+        "sends this rule's reads to replicas even right after a write), got -2",
+        "sharding.rules.r.ranges: required: at least one range, as in "
+        "[{from: 1, to: 1000, shard: s1}]",
+    ]
+
+
+def test_the_operations_guide_example_of_a_rules_read_your_writes_loads() -> None:
+    docs = (ROOT / "docs" / "operations.md").read_text(encoding="utf-8")
+    section = docs[docs.index("**Reading your own writes.**"):]
+    block = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert block is not None
+    config = parse_config(BASE + block.group(1), env={})
+    assert config.replicas.read_your_writes == 0
+    assert config.sharding.rules["by_account"].read_your_writes == 2
+
+
+def test_read_your_writes_is_a_rule_key_not_a_table_key() -> None:
+    text = one_rule(tables=[{"orders": {"column": "tenant_id", "read_your_writes": 1}}])
+    assert only_problem(text) == (
+        "sharding.rules.r.tables[0].orders.read_your_writes: unknown key (allowed: column)")
 
 
 # --- shard_for and shards_between --------------------------------------------------------
@@ -559,11 +649,14 @@ P = "sharding.rules.r"
         ({"default": "S1"}, f"{P}.default: unknown shard 'S1' (the shards are s1, s2, s3); "
                            "did you mean 's1'?"),
         ({"values": {"a": "s1"}}, f"{P}.values: unknown key for a tenant rule (allowed: kind, "
-                                  "column, type, tables, tenants, default); values is for "
-                                  "category rules"),
+                                  "column, type, tables, tenants, default, read_your_writes); "
+                                  "values is for category rules"),
         ({"tenant": {1: "s1"}}, f"{P}.tenant: unknown key for a tenant rule (allowed: kind, "
-                                "column, type, tables, tenants, default); did you mean "
-                                "'tenants'?"),
+                                "column, type, tables, tenants, default, read_your_writes); did "
+                                "you mean 'tenants'?"),
+        ({"read_your_write": 1}, f"{P}.read_your_write: unknown key for a tenant rule (allowed: "
+                                 "kind, column, type, tables, tenants, default, "
+                                 "read_your_writes); did you mean 'read_your_writes'?"),
         ({"kind": "category", "default": ...},
          f"{P}.values: required: map values to shards (as in {{books: s1}}), or give a default"),
         ({"kind": "lookup", "default": ..., "new_keys": "s9"},

@@ -177,7 +177,8 @@ SETTINGS: tuple[Setting, ...] = (
             "gets no reads until it catches up.", positive=True),
     Setting("replicas.read_your_writes", float, _REPLICAS.read_your_writes, True,
             "For this long after a session sent a shard anything but a plain read, its "
-            "reads go to primaries; 0 turns it off.", minimum=0),
+            "reads go to primaries; 0 turns it off. A rule's own read_your_writes takes its "
+            "place for reads routed by one key of that rule.", minimum=0),
     Setting("replicas.target", ReadTarget, _REPLICAS.target, True,
             "Where plain reads outside read-write transactions go (a session changes it with "
             "SET shardwire.target): replica, primary, or any (primary and replicas in turn)."),

@@ -10,10 +10,11 @@ from __future__ import annotations
 import datetime
 import difflib
 import enum
+import math
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import Decimal, InvalidOperation
 from typing import Any, TypeVar
 
@@ -29,6 +30,8 @@ from shardwire.router.shardmap import (
 
 SHARDING_KEYS = ("rules", "reference")
 RULE_KEYS = ("kind", "column", "type", "tables")
+# Every kind routes by a key, so every rule may have its own read_your_writes.
+OPTIONAL_RULE_KEYS = ("read_your_writes",)
 KIND_KEYS: dict[RuleKind, tuple[str, ...]] = {
     RuleKind.TENANT: ("tenants", "default"),
     RuleKind.CATEGORY: ("values", "default"),
@@ -365,23 +368,41 @@ class _Reader:
                            "what decides a key's shard: " + ", ".join(KINDS))
         key_type = self.choice(raw, "type", path, KeyType, KeyType.INTEGER, "")
         if kind is not None:
-            self.check_keys(raw, path, (*RULE_KEYS, *KIND_KEYS[kind]),
+            self.check_keys(raw, path, (*RULE_KEYS, *KIND_KEYS[kind], *OPTIONAL_RULE_KEYS),
                             f" for a {kind.value} rule")
         column = self.column(raw.get("column"), _join(path, "column"))
         tables = self.tables(raw.get("tables"), _join(path, "tables"), column)
+        read_your_writes = self.seconds(raw.get("read_your_writes"),
+                                        _join(path, "read_your_writes"))
         if kind is None:
             return None
         rule = Rule(name, kind, key_type or KeyType.INTEGER, column or "", tables, ())
         match kind:
             case RuleKind.TENANT | RuleKind.CATEGORY:
-                return self.mapped(rule, raw, path, key_type)
+                built = self.mapped(rule, raw, path, key_type)
             case RuleKind.RANGE:
-                return self.ranged(rule, raw, path, key_type)
+                built = self.ranged(rule, raw, path, key_type)
             case RuleKind.LOOKUP:
-                return self.lookup(rule, raw, path)
+                built = self.lookup(rule, raw, path)
             case _:  # hash
                 shards = self.shard_list(raw.get("shards"), _join(path, "shards"))
-                return Rule(name, kind, rule.key_type, rule.column, tables, shards)
+                built = Rule(name, kind, rule.key_type, rule.column, tables, shards)
+        if read_your_writes is None:
+            return built
+        return replace(built, read_your_writes=read_your_writes)
+
+    def seconds(self, raw: object, path: str) -> float | None:
+        """A rule's `read_your_writes`: seconds, 0 or more; None when absent (or wrong)."""
+        if raw is None:
+            return None
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            self.problem(path, f"expected a number of seconds, got {_describe(raw)}")
+            return None
+        if not math.isfinite(raw) or raw < 0:
+            self.problem(path, f"must be a finite number of seconds, at least 0 (0 sends this "
+                               f"rule's reads to replicas even right after a write), got {raw}")
+            return None
+        return float(raw)
 
     def choice(self, raw: dict[Any, Any], key: str, path: str, kind: type[_E],
                default: _E | None, required: str) -> _E | None:

@@ -15,6 +15,14 @@ made only for shards that have replicas):
 
 Statements inside a transaction block go where the transaction's first statement went: to a
 replica only when the transaction was opened READ ONLY.
+
+Read-your-writes (`ClientConnection._pool_for` in server.py): for some seconds after a
+session sent a shard with replicas anything but a plain read, its reads go to the primary. How
+long is `replicas.read_your_writes`, or, for a read routed by one key of a rule that sets its
+own `read_your_writes`, the rule's. Any such write of the session counts, whichever rule (if
+any) routed it: from the text alone the proxy cannot tell which tables a write changed (a
+trigger, a function or a data-modifying CTE may change another rule's rows on the same shard),
+so counting only the rule's own writes could let a read miss the session's write.
 """
 
 from __future__ import annotations

@@ -1721,6 +1721,10 @@ class ClientConnection(asyncio.Protocol):
         if target is ReadTarget.PRIMARY or self.pinned is not None:
             return replica_set.primary
         wait = settings.read_your_writes
+        if self.heat_key is not None:  # routed by one key: its rule's own time, if it has one
+            rule = proxy.router.smap.rules.get(self.heat_key[0])
+            if rule is not None and rule.read_your_writes is not None:
+                wait = rule.read_your_writes
         if wait and time.monotonic() - self.wrote_at < wait:
             return replica_set.primary
         return replica_set.for_read(target, settings.max_lag)

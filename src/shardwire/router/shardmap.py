@@ -77,6 +77,9 @@ class Rule:
     # lookup: the directory table in the catalog, and where new keys go
     directory: str = ""
     new_keys: str = "least_loaded"  # or a shard name
+    # Seconds after a session's write during which its reads by this rule's key go to the
+    # primary; None: `replicas.read_your_writes` decides (proxy/server.py, `_pool_for`).
+    read_your_writes: float | None = None
 
     def shard_for(self, key: KeyValue) -> str | None:
         """The shard that holds rows with this key; None when the key maps to no shard (a
