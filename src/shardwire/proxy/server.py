@@ -945,7 +945,7 @@ class ClientConnection(asyncio.Protocol):
 
         async def roll_back() -> None:
             try:
-                parts = [Participant(c, status=c.link.status) for c in tx.conns.values()]
+                parts = self._participants(tx)
                 await self.proxy.coordinator.rollback(parts)
                 for part in parts:
                     part.give_back()
@@ -976,30 +976,16 @@ class ClientConnection(asyncio.Protocol):
         assert tx is not None
         self.waiting = True
         self.pipeline_control = False
-
-        async def run() -> None:
-            try:
-                parts = [Participant(c, status=c.link.status) for c in tx.conns.values()]
-                for part in parts:
-                    part.wrote = part.shard in tx.written
-                _, error = await self.proxy.coordinator.commit(parts)
-                for part in parts:
-                    part.give_back()
-                self._end_tx(released=True)
-                self.write((m.error_response(error) if error is not None else b"")
-                           + m.ready_for_query(b"I"))
-            except Exception:
-                log.exception("committing a pipeline on several shards failed")
-                self.write(m.error_response(PgError(
-                    "XX000", "internal error ending a pipeline on several shards"))
-                    + m.ready_for_query(b"I"))
-                self._end_tx()
-            finally:
-                if not self.closed:
-                    self._resume()
-
-        asyncio.get_running_loop().create_task(run())
+        self._finish_on_shards(self._commit_pipeline(tx), "ending a pipeline")
         return True
+
+    async def _commit_pipeline(self, tx: ShardTransaction) -> bytes:
+        parts = self._participants(tx)
+        _, error = await self.proxy.coordinator.commit(parts)
+        for part in parts:
+            part.give_back()
+        self._end_tx(released=True)
+        return (m.error_response(error) if error is not None else b"") + m.ready_for_query(b"I")
 
     def _pipeline_stays(self, server: ServerConnection) -> bool:
         """Whether statements of the client's open pipeline (Bind/Execute sent, no Sync yet)
@@ -1090,14 +1076,20 @@ class ClientConnection(asyncio.Protocol):
                                                                   if self.tx else ())))
         self.waiting = True
         self.state = "active"
+        self._finish_on_shards(self._run_tx_control(words, sql, unit), "ending a transaction")
+        return True
+
+    def _finish_on_shards(self, reply: Awaitable[bytes], what: str) -> None:
+        """Run `reply`, the end of a transaction on several shards, as a task: the client
+        gets what it returns (XX000 if it fails), then its next messages."""
 
         async def run() -> None:
             try:
-                self.write(await self._run_tx_control(words, sql, unit))
+                self.write(await reply)
             except Exception:
-                log.exception("transaction control on several shards failed")
+                log.exception("%s on several shards failed", what)
                 self.write(m.error_response(PgError(
-                    "XX000", "internal error ending a transaction on several shards"))
+                    "XX000", f"internal error {what} on several shards"))
                     + m.ready_for_query(b"I"))
                 self._end_tx()
             finally:
@@ -1105,7 +1097,15 @@ class ClientConnection(asyncio.Protocol):
                     self._resume()
 
         asyncio.get_running_loop().create_task(run())
-        return True
+
+    @staticmethod
+    def _participants(tx: ShardTransaction) -> list[Participant]:
+        """The transaction's connections as participants of its end, each knowing whether
+        it was sent more than plain reads."""
+        parts = [Participant(conn, status=conn.link.status) for conn in tx.conns.values()]
+        for part in parts:
+            part.wrote = part.shard in tx.written
+        return parts
 
     def _note_writes(self, shard: str, msgs: list[tuple[int, bytes]], written: set[str]
                      ) -> None:
@@ -1176,9 +1176,7 @@ class ClientConnection(asyncio.Protocol):
                               unit: list[tuple[int, bytes]]) -> bytes:
         tx = self.tx
         assert tx is not None
-        parts = [Participant(conn, status=conn.link.status) for conn in tx.conns.values()]
-        for part in parts:
-            part.wrote = part.shard in tx.written
+        parts = self._participants(tx)
         head = b"" if unit[0][0] == _Q else m.BIND_COMPLETE + (
             m.NO_DATA if any(k == ord("D") for k, _ in unit) else b"")
         coordinator = self.proxy.coordinator
