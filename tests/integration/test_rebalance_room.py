@@ -5,6 +5,7 @@ and says so."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -77,10 +78,24 @@ def test_plan_proposes_no_target_without_room_and_says_so(
                 for order in range(heat.ROWS_PER_TENANT):
                     conn.execute(f"INSERT INTO {orders} (tenant_id, order_id, amount) "
                                  "VALUES (%s, %s, %s)", (tenant, order, order))
-        for tenant in [heat.HOT] * 600 + [t for t in heat.ON_S1[1:] for _ in range(60)] + [
-                t for t in heat.ON_S2 for _ in range(60)]:
+        workload = [heat.HOT] * 600 + [t for t in heat.ON_S1[1:] for _ in range(60)] + [
+            t for t in heat.ON_S2 for _ in range(60)]
+        for tenant in workload:
             conn.execute(f"SELECT count(*) FROM {orders} WHERE tenant_id = %s", (tenant,))
     held = on_shard(shards[1], "SELECT pg_database_size(current_database())")[0][0]
+    # The plan reads the heat the proxy flushed to the catalog: wait until all of it is there.
+    deadline = time.monotonic() + 20
+    while True:
+        status = subprocess.run(
+            [sys.executable, "-m", "shardwire.cli", "rebalance", "status", "--json",
+             "--config", str(proxy.config_path)],
+            capture_output=True, text=True, timeout=60, env={**proxy.env, **PROXY_ENV})
+        assert status.returncode == 0, status.stderr
+        counted = sum(s["statements"] for s in json.loads(status.stdout)["shards"])
+        if counted >= len(workload):
+            break
+        assert time.monotonic() < deadline, f"the catalog has {counted} statements"
+        time.sleep(0.3)
 
     def plan(capacity: int) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
         cfg = yaml.safe_load(proxy.config_path.read_text())
