@@ -21,14 +21,10 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
 
 from pgbench_run import PgbenchResult, Target, initialise, run_select_only
 
@@ -65,37 +61,6 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-class WorkersProxy(ProxyProcess):
-    """`shardwire serve --workers N` (N = 1 is the plain single process)."""
-
-    def __init__(self, config: dict[str, Any], workdir: Path, workers: int) -> None:
-        super().__init__(config, workdir, log_level="warning")
-        self.workers = workers
-
-    def start(self, timeout: float = 60) -> WorkersProxy:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shardwire.cli", "serve", "--config",
-                 str(self.config_path), "--log-level", self.log_level, "--workers",
-                 str(self.workers)], stdout=subprocess.PIPE, stderr=log, env=self.env)
-        ready = threading.Event()
-        out = self.proc.stdout
-        assert out is not None
-
-        def watch() -> None:
-            for line in out:
-                if b"ready" in line:
-                    ready.set()
-
-        threading.Thread(target=watch, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"shardwire did not start:\n{self.log_tail()}")
-        return self
-
-
 def main() -> int:
     seconds = _env_int("BENCH_SECONDS", 10)
     rounds = _env_int("BENCH_ROUNDS", 3)
@@ -106,7 +71,7 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="shardwire-bench-workers-"))
     os.chmod(workdir, 0o711)  # the postgres OS user runs the server in here
     clusters: list[PostgresCluster] = []
-    proxies: dict[int, WorkersProxy] = {}
+    proxies: dict[int, ProxyProcess] = {}
     results: dict[int, list[PgbenchResult]] = {n: [] for n in WORKER_COUNTS}
     try:
         _progress(f"work directory {workdir}")
@@ -121,7 +86,8 @@ def main() -> int:
             config = {"auth": {"method": "trust"}, "database": DATABASE, "users": {USER: {}},
                       "shards": {"s1": {"primary": server.dsn(DATABASE, user=USER)}},
                       "default_shard": "s1", "pool": {"size": POOL_SIZE}}
-            proxies[n] = WorkersProxy(config, workdir / f"workers-{n}", n).start()
+            proxies[n] = ProxyProcess(config, workdir / f"workers-{n}", log_level="warning",
+                                      workers=n).start(timeout=60)
         for r in range(1, rounds + 1):
             order = WORKER_COUNTS if r % 2 else tuple(reversed(WORKER_COUNTS))
             for n in order:

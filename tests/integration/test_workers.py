@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,45 +27,12 @@ WORKERS = 2
 SNAPSHOT_WAIT = 2.5  # seconds: a snapshot is written every second
 
 
-class WorkersProxy(ProxyProcess):
-    """A proxy started with `serve --workers N`."""
-
-    def __init__(self, config: dict[str, Any], workdir: Path, workers: int) -> None:
-        super().__init__(config, workdir, env=PROXY_ENV)
-        self.workers = workers
-
-    def start(self, timeout: float = 30) -> WorkersProxy:
-        with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "shardwire.cli", "serve", "--config",
-                 str(self.config_path), "--log-level", self.log_level, "--workers",
-                 str(self.workers)], stdout=subprocess.PIPE, stderr=log, env=self.env)
-        ready = threading.Event()
-        out = self.proc.stdout
-        assert out is not None
-        lines: list[bytes] = []
-
-        def watch() -> None:
-            for line in out:
-                lines.append(line)
-                if b"ready" in line:
-                    ready.set()
-
-        threading.Thread(target=watch, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not ready.wait(0.05):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"shardwire did not start:\n{self.log_tail()}")
-        assert f"({self.workers} workers)".encode() in lines[-1], lines
-        return self
-
-
 @pytest.fixture
-def workers_proxy(shards: list[PostgresCluster], tmp_path: Path) -> Iterator[WorkersProxy]:
+def workers_proxy(shards: list[PostgresCluster], tmp_path: Path) -> Iterator[ProxyProcess]:
     cfg = base_config(shards)
     cfg["metrics"] = {"host": "127.0.0.1", "port": free_port()}
-    proxy = WorkersProxy(cfg, tmp_path / "proxy", WORKERS).start()
+    proxy = ProxyProcess(cfg, tmp_path / "proxy", env=PROXY_ENV, workers=WORKERS).start(30)
+    assert f"({WORKERS} workers)".encode() in proxy.ready_line, proxy.ready_line
     yield proxy
     proxy.stop(timeout=30)
 
@@ -103,7 +69,7 @@ def eventually(check: Callable[[], bool], seconds: float = 10) -> None:
         time.sleep(0.2)
 
 
-def test_clients_spread_over_workers_and_stats_add_up(workers_proxy: WorkersProxy) -> None:
+def test_clients_spread_over_workers_and_stats_add_up(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     dsn = proxy.dsn("app", APP_PASSWORD)
     conns = [psycopg.connect(dsn, autocommit=True, connect_timeout=10) for _ in range(16)]
@@ -153,7 +119,7 @@ def _version() -> str:
     return __version__
 
 
-def test_sighup_reloads_every_worker(workers_proxy: WorkersProxy) -> None:
+def test_sighup_reloads_every_worker(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     dsn = proxy.dsn("app", APP_PASSWORD)
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as kept:
@@ -180,7 +146,7 @@ def test_sighup_reloads_every_worker(workers_proxy: WorkersProxy) -> None:
         assert kept.execute("SELECT 2").fetchone() == (2,)
 
 
-def test_sigterm_stops_every_worker(workers_proxy: WorkersProxy) -> None:
+def test_sigterm_stops_every_worker(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     time.sleep(SNAPSHOT_WAIT)
     pids = {w["pid"] for w in admin(proxy, "SHOW WORKERS")}
@@ -194,7 +160,7 @@ def test_sigterm_stops_every_worker(workers_proxy: WorkersProxy) -> None:
         psycopg.connect(proxy.dsn("app", APP_PASSWORD), connect_timeout=3)
 
 
-def test_a_worker_that_dies_is_started_again(workers_proxy: WorkersProxy) -> None:
+def test_a_worker_that_dies_is_started_again(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     time.sleep(SNAPSHOT_WAIT)
     victim = admin(proxy, "SHOW WORKERS")[0]
@@ -228,7 +194,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_reload_in_the_admin_console_reloads_every_worker(workers_proxy: WorkersProxy) -> None:
+def test_reload_in_the_admin_console_reloads_every_worker(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     cfg = dict(proxy.config)
     cfg["pool"] = {**cfg["pool"], "size": 5}
@@ -245,7 +211,7 @@ def test_reload_in_the_admin_console_reloads_every_worker(workers_proxy: Workers
     eventually(every_worker_has_the_new_size)
 
 
-def test_workers_stop_when_the_parent_is_killed(workers_proxy: WorkersProxy) -> None:
+def test_workers_stop_when_the_parent_is_killed(workers_proxy: ProxyProcess) -> None:
     proxy = workers_proxy
     time.sleep(SNAPSHOT_WAIT)
     pids = {w["pid"] for w in admin(proxy, "SHOW WORKERS")}

@@ -18,10 +18,12 @@ from .cluster import free_port
 
 
 class ProxyProcess:
-    """A proxy started from a config dict (written to `workdir/shardwire.yaml`)."""
+    """A proxy started from a config dict (written to `workdir/shardwire.yaml`); with
+    `workers` > 1, `serve --workers N` (proxy/workers.py)."""
 
     def __init__(self, config: Mapping[str, Any], workdir: str | Path, *,
-                 env: Mapping[str, str] | None = None, log_level: str = "info") -> None:
+                 env: Mapping[str, str] | None = None, log_level: str = "info",
+                 workers: int = 1) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = dict(config)
@@ -37,6 +39,8 @@ class ProxyProcess:
         self.env = dict(os.environ)
         self.env.update(env or {})
         self.log_level = log_level
+        self.workers = workers
+        self.ready_line = b""  # what the proxy printed when it was ready
         self.proc: subprocess.Popen[bytes] | None = None
         self.write_config(cfg)
 
@@ -44,19 +48,20 @@ class ProxyProcess:
         self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
 
     def start(self, timeout: float = 20) -> ProxyProcess:
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "shardwire.cli", "serve", "--config", str(self.config_path),
-             "--log-level", self.log_level],
-            stdout=subprocess.PIPE, stderr=log, env=self.env)
-        log.close()
+        args = [sys.executable, "-m", "shardwire.cli", "serve", "--config",
+                str(self.config_path), "--log-level", self.log_level]
+        if self.workers > 1:
+            args += ["--workers", str(self.workers)]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log, env=self.env)
         ready = threading.Event()
         out = self.proc.stdout
         assert out is not None
 
         def watch() -> None:
             for line in out:
-                if b"ready" in line:
+                if b"ready" in line and not ready.is_set():
+                    self.ready_line = line
                     ready.set()
 
         threading.Thread(target=watch, daemon=True).start()
