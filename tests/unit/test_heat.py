@@ -68,7 +68,7 @@ def test_exact_while_the_keys_fit() -> None:
 
 
 def test_a_window_reports_shards_and_hot_keys_and_rotation_starts_afresh() -> None:
-    heat = Heat(start=100.0, top_keys=2)
+    heat = Heat(start=100.0, top_keys=2, miss_sample=1)  # every miss recorded: exact
     s1 = heat.shard("s1")
     s1.statements += 3
     s1.busy += 0.3
@@ -84,6 +84,45 @@ def test_a_window_reports_shards_and_hot_keys_and_rotation_starts_afresh() -> No
     assert heat.shard("s1") is s1 and s1.statements == 0 and heat.rules == {}
     assert heat.top_keys == 5 and heat.start == 160.0
     assert heat.last is window
+
+
+def test_a_full_sketch_samples_the_keys_it_misses_and_still_finds_the_hot_one() -> None:
+    """Uniform keys over a million accounts fill the sketch at once; one key in ten is the hot
+    tenant's. Misses are recorded about one in 16 (weighted by 16), so the estimates stay near
+    the truth while most long-tail statements skip the eviction."""
+    heat = Heat(0.0, top_keys=100, miss_sample=16, seed=7)
+    rng = random.Random(3)
+    total = 200_000
+    for i in range(total):
+        key = 42 if i % 10 == 0 else rng.randrange(1, 10**6)
+        heat.record_key("by_aid", key, "s1", 0.001)
+    hot = heat.rotate(1.0).keys["by_aid"]
+    assert hot[0].key == 42
+    assert abs(hot[0].statements - total // 10) <= 16 + hot[0].statements_error
+    assert abs(hot[0].busy - total // 10 * 0.001) <= 0.016 + hot[0].busy_error
+    sketch_total = sum(k.statements for k in hot)  # what the sketch accounts for
+    assert 0.95 * total < sketch_total < 1.05 * total
+
+
+def test_a_key_the_full_sketch_holds_is_counted_exactly_between_samples() -> None:
+    heat = Heat(0.0, top_keys=2, miss_sample=1000, seed=1)
+    for key in ("a", "b"):  # room: taken in as they come
+        heat.record_key("r", key, "s1", 1.0)
+    for _ in range(50):
+        heat.record_key("r", "a", "s1", 1.0)
+        heat.record_key("r", "new", "s1", 1.0)  # full: almost never recorded
+    counts = {k.key: k.statements for k in heat.rotate(1.0).keys["r"]}
+    assert counts == {"a": 51, "b": 1}  # "new" never got in (the seed draws no sample)
+
+
+def test_statements_the_proxy_queued_are_in_the_window() -> None:
+    """The pool only appends (`pending`); a window read before the proxy's next drain holds
+    them all the same."""
+    heat = Heat(0.0)
+    heat.pending += [(("by_tenant", 7), "s2", 0.25)] * 3
+    hot = heat.snapshot(1.0).keys["by_tenant"]
+    assert [(k.key, k.shard, k.statements, k.busy) for k in hot] == [(7, "s2", 3, 0.75)]
+    assert heat.pending == []
 
 
 def test_windows_of_several_proxies_add_up() -> None:

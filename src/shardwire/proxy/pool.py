@@ -203,7 +203,7 @@ class ServerConnection(asyncio.Protocol):
             pool.stats.errors += link.errors  # the metrics' total (heat's is per window)
             link.errors = 0
         if key is not None:
-            pool.heat.record_key(key[0], key[1], pool.shard, busy)
+            pool.heat.pending.append((key, pool.shard, busy))  # recorded by Heat.drain
 
     def abort(self, reason: str) -> None:
         if not self.closed:

@@ -20,6 +20,7 @@ from ..config.load import load_config
 from ..config.model import Config, PoolMode, ReadTarget
 from ..merge import MergeError, MergePlan
 from ..rebalancer.heat import Heat
+from ..rebalancer.store import drain_forever as drain_heat
 from ..rebalancer.store import flush_forever as flush_heat
 from ..router.analyze import Analysis, Kind
 from ..router.classify import (
@@ -1871,6 +1872,7 @@ class Proxy:
         self._aggregates: dict[str, bool] = {}  # function name -> an aggregate on the shards?
         self.heat = Heat(time.time(), config.rebalance.heat_top_keys)  # SHOW HOT, rebalancer
         self._heat_flush: asyncio.Task[None] | None = None
+        self._heat_drain: asyncio.Task[None] | None = None
         self.fences = Fences(self)  # rebalance fences and map flips (fence.py)
         self.metrics = ProxyMetrics(self)  # the Prometheus endpoint (metrics.py)
         # serve --workers (workers.py): listen with SO_REUSEPORT, figures of every worker.
@@ -2006,6 +2008,7 @@ class Proxy:
         self._recovering = loop.create_task(self._recover())
         self._deadlocks = loop.create_task(self._watch_deadlocks())
         self._heat_flush = loop.create_task(flush_heat(self))
+        self._heat_drain = loop.create_task(drain_heat(self.heat))
         self.metrics.start()  # serves /metrics when the config has a metrics section
         log.info("Shardwire %s listening on %s:%s", __version__, listen.host, self.port)
 
@@ -2068,6 +2071,8 @@ class Proxy:
             self._maintenance.cancel()
         if self._heat_flush is not None:
             self._heat_flush.cancel()
+        if self._heat_drain is not None:
+            self._heat_drain.cancel()
         if self._recovering is not None:
             self._recovering.cancel()
             self._deadlocks.cancel()

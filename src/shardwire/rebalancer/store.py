@@ -21,7 +21,7 @@ import asyncpg
 from ..config.model import Config, ServerAddress
 from ..proxy.protocol.relay import quote_ident, quote_literal
 from ..router.shardmap import KeyValue, Rule, TableName, canonical_text
-from .heat import HeatWindow, KeyLoad, ShardLoad
+from .heat import DRAIN_INTERVAL, Heat, HeatWindow, KeyLoad, ShardLoad
 
 if TYPE_CHECKING:
     from ..proxy.server import Proxy
@@ -95,6 +95,14 @@ async def write_window(conn: Any, proxy: str, window: HeatWindow, retention: flo
         await conn.execute(f"DELETE FROM {TABLE} WHERE window_end < now() - "
                            "make_interval(secs => $1)", retention)
     return len(rows)
+
+
+async def drain_forever(heat: Heat) -> None:
+    """Record the statements answered since the last time, every DRAIN_INTERVAL seconds
+    (`Heat.drain`: in a batch, off the path of each statement)."""
+    while True:
+        await asyncio.sleep(DRAIN_INTERVAL)
+        heat.drain()
 
 
 async def flush_forever(proxy: Proxy) -> None:
