@@ -1,16 +1,18 @@
 """Routing cost per cached statement (issue 3's micro-benchmark): pgbench's point query on a
 range-sharded pgbench_accounts, simple protocol (fingerprint + cached analysis + route) and
-extended protocol (cached analysis + Bind values + route). Prints µs per statement, median of
-rounds. Usage: .venv/bin/python bench/routing.py"""
+extended protocol (cached analysis + Bind values + route), and what the proxy does with a Bind
+message (the lane reads the key in place). Prints µs per statement, median of rounds.
+Usage: .venv/bin/python bench/routing.py"""
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import struct
 import timeit
 
 from shardwire.config.load import parse_config
-from shardwire.proxy.routing import BindValues, StatementRouter
+from shardwire.proxy.routing import BindValues, StatementRouter, read_bind
 from shardwire.router.route import RouteContext
 
 CONFIG = """
@@ -49,8 +51,25 @@ def main() -> None:
         params = BindValues((1,), (struct.pack("!i", next(aids) % 1000000 + 1),))
         router.plan_bind(analyses, (23,), params, ctx)
 
-    for name, fn in (("simple (fingerprint + route)", simple), ("prepared (bind + route)",
-                                                                 prepared)):
+    def bind_message(aid: int) -> bytes:
+        """A Bind of statement P0_1 with the aid in binary, as a body (what the proxy reads)."""
+        return (b"\0P0_1\0" + struct.pack("!hhhi", 1, 1, 1, 4) + struct.pack("!i", aid)
+                + struct.pack("!h", 0))
+
+    values_at = len(b"\0P0_1\0")
+
+    bodies = itertools.cycle([bind_message(aid * 977 % 1000000 + 1) for aid in range(4096)])
+
+    def bound() -> None:
+        # The proxy's path for a Bind (server.py `_route_unit`): the lane reads the key from
+        # the message; a statement without a lane would be read whole and planned.
+        body = next(bodies)
+        if router.lane_plan(analyses, (23,), body, values_at) is None:
+            router.plan_bind(analyses, (23,), read_bind(body)[2], ctx)
+
+    for name, fn in (("simple (fingerprint + route)", simple),
+                     ("prepared (bind + route)", prepared),
+                     ("Bind message (lane)", bound)):
         fn()
         rounds = [timeit.timeit(fn, number=20000) / 20000 * 1e6 for _ in range(7)]
         print(f"{name:32} {statistics.median(rounds):6.2f} µs per statement")

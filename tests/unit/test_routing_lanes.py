@@ -4,13 +4,15 @@ gives is the plan a fresh router (no lanes yet) gives for the same statement and
 
 from __future__ import annotations
 
+import functools
 import random
 import struct
 
 from shardwire.config.load import parse_config
-from shardwire.proxy.routing import BindValues, StatementRouter
+from shardwire.proxy.routing import BindValues, StatementRouter, read_bind
 from shardwire.router.plan import describe
 from shardwire.router.route import RouteContext
+from shardwire.router.shardmap import ShardMap
 
 CONFIG = """
 auth: {method: trust}
@@ -42,9 +44,14 @@ sharding:
 CTX = RouteContext()
 
 
+@functools.cache
+def shard_map() -> ShardMap:
+    return parse_config(CONFIG).sharding
+
+
 def routers() -> tuple[StatementRouter, StatementRouter]:
-    smap = parse_config(CONFIG).sharding
-    return StatementRouter(smap), StatementRouter(smap)
+    """A router, and another with nothing cached (its lanes are taken afresh)."""
+    return StatementRouter(shard_map()), StatementRouter(shard_map())
 
 
 def same(warm: StatementRouter, plan: object, fresh: StatementRouter, expected: object) -> None:
@@ -99,3 +106,88 @@ def test_bound_parameters_follow_the_lane_exactly() -> None:
         expected = fresh.plan_bind(fresh.prepared(sql), types, params, CTX)
         same(warm, warm.plan_bind(warm_analyses, types, params, CTX), fresh, expected)
     assert any(lane is not None for lane in warm._lanes.values())  # the lane was taken
+
+
+def bind_body(statement: bytes, formats: list[int], values: list[bytes | None]) -> bytes:
+    """A Bind message's body: unnamed portal, `statement`, its formats and values."""
+    out = b"\0" + statement + b"\0" + struct.pack("!h", len(formats))
+    out += b"".join(struct.pack("!h", f) for f in formats)
+    out += struct.pack("!h", len(values))
+    for v in values:
+        out += struct.pack("!i", -1) if v is None else struct.pack("!i", len(v)) + v
+    return out + struct.pack("!h", 0)
+
+
+def test_bind_messages_read_in_place_route_as_read_whole() -> None:
+    """`lane_plan` reads a lane's parameter from the message itself: for any format codes
+    (none, one for all, one each), parameter position, NULL or short message, its plan is the
+    one `plan_bind` gives for the message read whole (or it gives none, and the proxy reads
+    the message whole)."""
+    rng = random.Random(13)
+    warm, _ = routers()
+    shapes = {b"SELECT * FROM accounts WHERE aid = $1": 0,
+              b"SELECT * FROM accounts WHERE note = $1 AND aid = $2": 1}
+    prepared = {sql: warm.prepared(sql) for sql in shapes}
+    laned = 0
+    for _ in range(1500):
+        sql = rng.choice(list(shapes))
+        v = rng.choice([0, 5, 999, 1000, 2500, 3000, 40000, -3, 2**31 - 1, 2**40])
+        binary = rng.random() < 0.5
+        key: bytes | None = struct.pack("!q" if rng.random() < 0.5 else "!i",
+                                        max(-2**31, min(v, 2**31 - 1))) if binary else (
+            str(v).encode() if rng.random() < 0.9 else b"12x")
+        if rng.random() < 0.05:
+            key = None
+        values = [b"memo", key] if shapes[sql] else [key]
+        n = len(values)
+        formats = rng.choice([[], [1 if binary else 0], [0] * (n - 1) + [1 if binary else 0]])
+        if not binary and formats == [] and rng.random() < 0.5:
+            formats = [0]
+        if binary and not formats:
+            formats = [1] * n
+        types = tuple(rng.choice([0, 20, 23, 25]) for _ in range(n))
+        body = bind_body(b"s", formats, values)
+        if rng.random() < 0.05:
+            body = body[:rng.randrange(len(body))]  # cut short: read whole, it is refused
+        fresh = routers()[1]
+        try:
+            expected = fresh.plan_bind(fresh.prepared(sql), types, read_bind(body)[2], CTX)
+        except (struct.error, ValueError, IndexError):
+            continue  # a message too short to read at all: never reaches routing
+        plan = warm.lane_plan(prepared[sql], types, body, 3)
+        if plan is None:
+            plan = warm.plan_bind(prepared[sql], types, read_bind(body)[2], CTX)
+        else:
+            laned += 1
+        same(warm, plan, fresh, expected)
+    assert sum(lane is not None for lane in warm._lanes.values()) == 2  # both lanes taken
+    assert laned > 500
+
+
+def test_a_lanes_bisect_finds_the_shard_the_rule_gives() -> None:
+    """Range layouts with and without open ends, gaps and ranges that touch: the lane's
+    bisect over its bounds agrees with `Rule.shard_for` on every key around every bound."""
+    from shardwire.proxy.routing import _Lane
+
+    rng = random.Random(14)
+    for _ in range(200):
+        points = sorted(rng.sample(range(-50, 50), rng.randint(2, 8)))
+        ranges = []
+        for i in range(0, len(points) - 1, rng.choice([1, 2])):
+            ranges.append({"from": points[i], "to": points[i + 1],
+                           "shard": rng.choice(["s1", "s2"])})
+        if rng.random() < 0.5:
+            del ranges[0]["from"]
+        if rng.random() < 0.5:
+            del ranges[-1]["to"]
+        rule = parse_config(CONFIG.split("sharding:")[0] + "sharding:\n  rules:\n    r:\n"
+                            "      kind: range\n      column: k\n      type: integer\n"
+                            "      tables: [t]\n      ranges:\n" + "".join(
+                                f"        - {r}\n".replace("'", "") for r in ranges)
+                            ).sharding.rules["r"]
+        lane = _Lane(0, rule)
+        assert lane.bounds is not None
+        for key in range(-60, 60):
+            plan = lane.plan(key)
+            assert (plan.shard if plan is not None else None) == rule.shard_for(key), (
+                ranges, key)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import struct
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
@@ -244,6 +245,21 @@ class StatementRouter:
     def prepared(self, sql: bytes) -> tuple[Analysis, ...]:
         return self.analyses(sql, self._prepared)
 
+    def lane_plan(self, analyses: Sequence[Analysis], param_types: Sequence[int], body: bytes,
+                  values_at: int) -> SingleShard | None:
+        """The plan of a Bind message (parameter formats from `values_at` on) of a statement
+        whose shape has a lane, read straight from the message, with no routing context (no
+        shardwire.shard or .key set); None when there is no lane or its parameter is not
+        plainly an integer: then `plan_bind` of the message read whole."""
+        lane = self._lanes.get(id(analyses[0])) if len(analyses) == 1 else None
+        if lane is None:
+            return None
+        found = lane.bind_plan(body, values_at, param_types)
+        if found is None:
+            return None
+        self.last_key = (lane.key_of, found[1])
+        return found[0]
+
     def plan_bind(self, analyses: Sequence[Analysis], param_types: Sequence[int],
                   params: BindValues, ctx: RouteContext, timezone: str = "UTC") -> Plan:
         if len(analyses) == 1 and ctx.shard is None and ctx.key is None:
@@ -295,19 +311,92 @@ _UNSET = object()
 
 class _Lane:
     """The plan of a statement shape whose only decision is an integer key, `key = value`:
-    the value's shard, with no analysis looked at (see `_lane`)."""
+    the value's shard, with no analysis looked at (see `_lane`). It is on the path of most
+    statements, so it keeps to a few calls: a range rule is a C bisect over its bounds."""
 
-    __slots__ = ("index", "rule", "plans")
+    __slots__ = ("index", "rule", "plans", "bounds", "slots", "key_of")
 
     def __init__(self, index: int, rule: Rule) -> None:
         self.index = index  # of the literal (simple protocol) or the parameter (extended)
         self.rule = rule
+        self.key_of = rule.name
         self.plans = {shard: SingleShard(shard, f"{rule.kind.value} rule {rule.name} puts "
                                          f"the key on {shard}") for shard in rule.shards}
+        # A range rule: bounds in order, and the plan of each interval between them (None
+        # for a gap): key k is in interval bisect_right(bounds, k), as [lower, upper) says.
+        self.bounds: list[int] | None = None
+        self.slots: list[SingleShard | None] = []
+        if rule.kind is RuleKind.RANGE and all(
+                isinstance(b, int) for r in rule.ranges for b in (r.lower, r.upper)
+                if b is not None):
+            bounds: list[int] = []
+            slots: list[SingleShard | None] = []
+            for r in rule.ranges:  # sorted, non-overlapping; an open lower end comes first
+                if r.lower is not None and (not slots or bounds[-1] != r.lower):
+                    slots.append(None)  # a gap below this range
+                    bounds.append(r.lower)
+                slots.append(self.plans[r.shard])
+                if r.upper is None:
+                    break
+                bounds.append(r.upper)
+            else:
+                slots.append(None)  # above the last range
+            self.bounds, self.slots = bounds, slots
 
     def plan(self, value: int) -> SingleShard | None:
+        bounds = self.bounds
+        if bounds is not None:
+            return self.slots[bisect_right(bounds, value)]
         shard = self.rule.shard_for(value)
         return None if shard is None else self.plans[shard]
+
+    def bind_plan(self, body: bytes, pos: int, param_types: Sequence[int]
+                  ) -> tuple[SingleShard, int] | None:
+        """The plan and the key of a Bind message whose parameter formats start at `pos`,
+        reading only the lane's parameter, in place; None when it is not plainly an integer
+        (then the message is read whole: `plan_bind`)."""
+        index = self.index
+        try:
+            (nformats,) = _I16.unpack_from(body, pos)
+            if nformats == 0:
+                fmt = 0
+            elif nformats == 1:
+                (fmt,) = _I16.unpack_from(body, pos + 2)
+            elif index < nformats:  # one format each (a negative count is not taken)
+                (fmt,) = _I16.unpack_from(body, pos + 2 + 2 * index)
+            else:
+                return None
+            at = pos + 2 + 2 * nformats
+            nvalues, length = _I16_I32.unpack_from(body, at)
+            if index >= nvalues:
+                return None
+            at += 6  # the first value
+            if index:
+                for _ in range(index):
+                    at += length if length > 0 else 0
+                    (length,) = _I32.unpack_from(body, at)
+                    at += 4
+        except struct.error:
+            return None
+        if length <= 0 or at + length > len(body):
+            return None
+        oid = param_types[index] if index < len(param_types) else 0
+        if fmt == 1:
+            reader = _BINARY_INTS.get((oid, length))
+            if reader is None:
+                return None
+            (value,) = reader.unpack_from(body, at)
+        elif fmt == 0:
+            digits = _INT_DIGITS.get(oid)
+            data = body[at:at + length]
+            if digits is None or length > digits or not data.isdigit():
+                return None
+            value = int(data)
+        else:
+            return None
+        bounds = self.bounds
+        plan = self.slots[bisect_right(bounds, value)] if bounds is not None else self.plan(value)
+        return None if plan is None else (plan, value)
 
 
 def _lane(a: Analysis, slot: object, *, literal: bool) -> _Lane | None:
@@ -327,6 +416,10 @@ def _lane(a: Analysis, slot: object, *, literal: bool) -> _Lane | None:
 # taken without a closer look (int2 up to 9999, int4 up to 999,999,999).
 _INT_WIDTHS = {0: (2, 4, 8), 21: (2,), 23: (4,), 20: (8,)}
 _INT_DIGITS = {0: 18, 21: 4, 23: 9, 20: 18}
+# (type OID, width) of a binary integer parameter -> how to read it.
+_BINARY_INTS = {(oid, width): struct.Struct({2: "!h", 4: "!i", 8: "!q"}[width])
+                for oid, widths in _INT_WIDTHS.items() for width in widths}
+_I16_I32 = struct.Struct("!hi")
 
 
 def _bound_integer(index: int, param_types: Sequence[int], params: BindValues) -> int | None:

@@ -95,6 +95,19 @@ PENDING_LIMIT = 4 * 1024 * 1024
 _Q, _P, _S, _X, _B = ord("Q"), ord("P"), ord("S"), ord("X"), ord("B")
 _CHECKED = frozenset(b"QPBDC")  # messages the proxy looks into
 _BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
+
+
+def _bound_unit(msgs: list[tuple[int, bytes]]) -> bool:
+    """Whether a unit that begins with a Bind is that Bind, then Describe and Execute
+    messages, then its Sync (and nothing else), as pgbench and most drivers send it."""
+    n = len(msgs)
+    if msgs[n - 1][0] != _S:
+        return False
+    if n == 4:  # Bind, Describe, Execute, Sync (libpq), without a loop
+        return msgs[1][0] in _BOUND and msgs[2][0] in _BOUND
+    return all(k in _BOUND for k, _ in msgs[1:-1])
+
+
 # First words of the queries the proxy may answer itself (see _local_query).
 _LOCAL_WORDS = (b"set", b"reset", b"show", b"begin", b"start", b"commit", b"end", b"rollback",
                 b"abort")
@@ -377,14 +390,19 @@ class ClientConnection(asyncio.Protocol):
                 self._dispatch(msgs)
                 return
             plan = router.plan_query(sql, self.proxy.no_context, self._timezone())
-        elif kind == _B and msgs[-1][0] == _S and all(k in _BOUND for k, _ in msgs[1:]):
-            _, statement, params = read_bind(body)
-            known = self.analyses.get(statement) if statement else None
+        elif kind == _B and _bound_unit(msgs):
+            name_at = body.index(0) + 1
+            name_end = body.index(0, name_at)
+            known = self.analyses.get(body[name_at:name_end]) if name_end > name_at else None
             if known is None:
                 self._dispatch(msgs)
                 return
-            plan = router.plan_bind(known[0], known[1], params, self.proxy.no_context,
-                                    self._timezone())
+            laned = router.lane_plan(known[0], known[1], body, name_end + 1)
+            if laned is not None:
+                plan = laned
+            else:
+                plan = router.plan_bind(known[0], known[1], read_bind(body)[2],
+                                        self.proxy.no_context, self._timezone())
         else:
             self._dispatch(msgs)
             return
