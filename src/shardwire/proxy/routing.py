@@ -394,8 +394,7 @@ class _Lane:
             value = int(data)
         else:
             return None
-        bounds = self.bounds
-        plan = self.slots[bisect_right(bounds, value)] if bounds is not None else self.plan(value)
+        plan = self.plan(value)
         return None if plan is None else (plan, value)
 
 
