@@ -80,6 +80,23 @@ def test_transaction_status_tracks_ready_for_query() -> None:
     assert link.idle
 
 
+def test_a_quiet_sync_of_the_proxys_own_is_not_a_client_unit_due() -> None:
+    """asyncpg prepares with Parse, Describe and Flush; the proxy closes that batch with a
+    Sync of its own. Until its ReadyForQuery comes the connection is busy, but no reply to a
+    Sync of the client's is due: the transaction state is the one before (a pipeline may go
+    on to another shard). A client's own Sync is due until answered."""
+    link, client = ServerLink(), ClientStatements()
+    client.rewrite([parse(b"", b"select 1"), (ord("D"), b"S\0")], link, None)
+    link.end_batch_quietly()
+    assert link.busy and not link.client_units_due
+    client.rewrite([bind(b""), execute(), SYNC], link, None)
+    assert link.client_units_due
+    link.feed(msg("1") + msg("n") + ready())  # the quiet unit: its ReadyForQuery is dropped
+    assert link.client_units_due
+    link.feed(msg("2") + m.command_complete("SELECT 1") + ready())
+    assert not link.busy and not link.client_units_due
+
+
 def test_named_statement_is_renamed_and_prepared_on_a_new_server() -> None:
     client = ClientStatements()
     first = ServerLink()

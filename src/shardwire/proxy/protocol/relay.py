@@ -204,8 +204,11 @@ class ServerLink:
     @property
     def client_units_due(self) -> bool:
         """A reply to a Sync or Query of the client's is still due (not only the proxy's
-        own statements): until it comes, `status` may not be the connection's state."""
-        return any(unit[1] for unit in self._units)
+        own statements, nor a Sync of the proxy's that closed the client's Parse and Describe
+        quietly, which leaves the state as it was): until it comes, `status` may not be the
+        connection's state."""
+        quiet = self._quiet_ready
+        return any(unit[1] and unit[0] not in quiet for unit in self._units)
 
     @property
     def open_batch_only(self) -> bool:
