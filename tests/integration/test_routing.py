@@ -49,6 +49,7 @@ from conftest import (
     base_config,
     on_shard,
 )
+from wire import SYNC, RawClient, bind, errors, execute, kinds, parse
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -812,6 +813,32 @@ def test_a_pipeline_across_shards_with_its_own_begin_is_refused(
         conn.execute("rollback")
         assert conn.execute("select 1").fetchone() == (1,)
     assert notes_by_shard(shards, ORDERS) == {"s1": [], "s2": [], "s3": []}
+
+
+def test_a_pipeline_hop_while_earlier_replies_are_due_is_refused(
+        routing_proxy: ProxyProcess, shards: list[PostgresCluster]) -> None:
+    """Two pipelines in one write: the second reaches another shard while the replies to the
+    first's Sync are still on their way, so whether the first ended a transaction block is
+    not known yet. The hop is refused with 0A000 and the second pipeline leaves nothing; the
+    first, committed by its own Sync, stays; the connection goes on."""
+    ins = f"insert into {ORDERS} (id, tenant_id, note) values ($1, $2, 'q')"
+    raw = RawClient(routing_proxy.host, routing_proxy.port)
+    try:
+        raw.login("app", APP_PASSWORD, DATABASE)
+        raw.send(parse("ins", ins, [23, 23]), bind("", "ins", [b"1", b"1"]), execute(), SYNC,
+                 bind("", "ins", [b"2", b"1"]), execute(),  # s1, as the first pipeline
+                 bind("", "ins", [b"3", b"3"]), execute(), SYNC)  # s3: the hop
+        replies = raw.read_syncs(2)
+        assert kinds(replies) == "12CZ" + "2CEZ"
+        (error,) = errors(replies)
+        assert error["C"] == "0A000" and "needs shard s3" in error["M"]
+        assert "earlier Syncs are still due" in error["M"] and error["H"]
+        raw.send(bind("", "ins", [b"4", b"3"]), execute(), SYNC)
+        assert kinds(raw.read_until_ready()) == "2CZ"
+    finally:
+        raw.sock.close()
+    assert notes_by_shard(shards, ORDERS) == {"s1": ["q"], "s2": [], "s3": ["q"]}
+    assert on_shard(shards[0], f"select id from {ORDERS}") == [(1,)]
 
 
 def test_a_query_string_across_shards_is_one_transaction(
