@@ -103,6 +103,22 @@ def on_shard(cluster: PostgresCluster, sql: str, params: Sequence[Any] | None = 
         return cur.fetchall() if cur.description else []
 
 
+def admin_console(proxy: ProxyProcess) -> psycopg.Connection[Any]:
+    """A connection to the proxy's admin console (database shardwire) as the admin user."""
+    return psycopg.connect(proxy.dsn("admin", ADMIN_PASSWORD, database="shardwire"),
+                           autocommit=True, connect_timeout=5)
+
+
+def show_state(proxy: ProxyProcess) -> dict[str, Any]:
+    """SHOW STATE on the admin console, as {column: value}."""
+    with admin_console(proxy) as conn:
+        cur = conn.execute("SHOW STATE")
+        assert cur.description is not None
+        row = cur.fetchone()
+        assert row is not None
+        return dict(zip([c.name for c in cur.description], row, strict=True))
+
+
 def assert_nothing_left_behind(proxy: ProxyProcess, shards: list[PostgresCluster]) -> None:
     """TESTING idea 4: no session idle in transaction on any shard (within a few seconds),
     and the proxy still serves a fresh connection."""

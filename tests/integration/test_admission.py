@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ADMIN_PASSWORD, APP_PASSWORD, MakeProxy, on_shard
+from conftest import APP_PASSWORD, MakeProxy, admin_console, on_shard, show_state
 from wire import RawClient, errors
 
 from shardwire.testing import PostgresCluster
@@ -39,20 +39,6 @@ def limits(**values: Any) -> Any:
 def connect(proxy: ProxyProcess, user: str = "app", **kwargs: Any) -> psycopg.Connection[Any]:
     password = {"app": APP_PASSWORD, "other": OTHER_PASSWORD}[user]
     return psycopg.connect(proxy.dsn(user, password), connect_timeout=5, **kwargs)
-
-
-def admin(proxy: ProxyProcess) -> psycopg.Connection[Any]:
-    return psycopg.connect(proxy.dsn("admin", ADMIN_PASSWORD, database="shardwire"),
-                           autocommit=True, connect_timeout=5)
-
-
-def state(proxy: ProxyProcess) -> dict[str, Any]:
-    with admin(proxy) as conn:
-        cur = conn.execute("SHOW STATE")
-        assert cur.description is not None
-        row = cur.fetchone()
-        assert row is not None
-        return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
 def sleepers_on(cluster: PostgresCluster, marker: str) -> int:
@@ -138,7 +124,7 @@ def test_a_full_queue_refuses_at_once_with_53300(make_proxy: MakeProxy) -> None:
     finally:
         for conn in (holder, first, second):
             conn.close()
-    assert state(proxy)["rejected_queue_full"] == 2
+    assert show_state(proxy)["rejected_queue_full"] == 2
 
 
 def test_waiting_too_long_gets_57014(make_proxy: MakeProxy) -> None:
@@ -157,7 +143,7 @@ def test_waiting_too_long_gets_57014(make_proxy: MakeProxy) -> None:
             assert "limits.max_transactions_per_database" in (
                 err.value.diag.message_hint or "")
         # the admin console is not behind the limit
-        assert state(proxy)["rejected_timeout"] == 2
+        assert show_state(proxy)["rejected_timeout"] == 2
         holder.commit()
         assert waiter.execute("select 'after'").fetchone() == ("after",)
     finally:
@@ -217,7 +203,7 @@ def test_a_flood_is_refused_quickly_without_growing_memory(
         # other users go on while app is flooded
         with connect(proxy, "other", autocommit=True) as conn:
             assert conn.execute("select 'fine'").fetchone() == ("fine",)
-        s = state(proxy)
+        s = show_state(proxy)
         assert s["rejected_queue_full"] == flood - queue and s["rejected_timeout"] == queue
         assert s["waiting_for_limits"] == 0
     finally:
@@ -268,12 +254,12 @@ def test_a_tenant_over_its_rate_gets_53400(make_proxy: MakeProxy, rated_table: N
             conn.execute(f"select id from {RATED} where tenant_id = 1")  # simple protocol too
         time.sleep(0.5)  # 2.5 tokens back
         assert conn.execute(f"select id from {RATED} where tenant_id = 1").fetchall() == [(1,)]
-    assert state(proxy)["rejected_rate"] == 2
+    assert show_state(proxy)["rejected_rate"] == 2
 
 
 def test_limits_show_in_show_config_and_reload_applies_them(make_proxy: MakeProxy) -> None:
     proxy = make_proxy(limits(max_transactions_per_user=1, wait_timeout=10))
-    with admin(proxy) as conn:
+    with admin_console(proxy) as conn:
         rows = {r[0]: r for r in conn.execute("SHOW CONFIG").fetchall()}
     assert rows["limits.max_transactions_per_user"][1:] == ("1", "0", "yes")
     assert rows["limits.wait_timeout"][1:3] == ("10", "5")
@@ -292,13 +278,13 @@ def test_limits_show_in_show_config_and_reload_applies_them(make_proxy: MakeProx
         cfg = dict(proxy.config)
         cfg["limits"] = {"max_transactions_per_user": -1}
         proxy.write_config(cfg)
-        with admin(proxy) as conn, pytest.raises(psycopg.Error) as err:
+        with admin_console(proxy) as conn, pytest.raises(psycopg.Error) as err:
             conn.execute("RELOAD")
         assert err.value.sqlstate == "F0000"
         assert "limits.max_transactions_per_user" in (err.value.diag.message_detail or "")
         cfg["limits"] = {"max_transactions_per_user": 2, "wait_timeout": 10}
         proxy.write_config(cfg)
-        with admin(proxy) as conn:
+        with admin_console(proxy) as conn:
             conn.execute("RELOAD")
         thread.join(3)
         assert result == [("let in",)]  # the raised limit let the waiter in at once
@@ -318,10 +304,10 @@ def test_a_queued_client_that_leaves_gives_up_its_place(make_proxy: MakeProxy) -
         leaver.login("app", APP_PASSWORD)
         leaver.send(b"Q" + (len(b"select 1") + 5).to_bytes(4, "big") + b"select 1\x00")
         time.sleep(0.3)
-        assert state(proxy)["waiting_for_limits"] == 1
+        assert show_state(proxy)["waiting_for_limits"] == 1
         leaver.close()
         time.sleep(0.3)
-        assert state(proxy)["waiting_for_limits"] == 0
+        assert show_state(proxy)["waiting_for_limits"] == 0
         # the place is free: the next one queues (no 53300) and runs after the holder
         with connect(proxy, autocommit=True) as waiter:
             queued = threading.Thread(target=lambda: waiter.execute("select 1"))

@@ -15,7 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import ADMIN_PASSWORD, APP_PASSWORD, on_shard
+from conftest import APP_PASSWORD, admin_console, on_shard, show_state
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -32,20 +32,6 @@ def table(shards: list[PostgresCluster]) -> Iterator[PostgresCluster]:
 
 def connect(proxy: ProxyProcess, **kwargs: Any) -> psycopg.Connection[Any]:
     return psycopg.connect(proxy.dsn("app", APP_PASSWORD), connect_timeout=3, **kwargs)
-
-
-def admin(proxy: ProxyProcess) -> psycopg.Connection[Any]:
-    return psycopg.connect(proxy.dsn("admin", ADMIN_PASSWORD, database="shardwire"),
-                           autocommit=True, connect_timeout=3)
-
-
-def state(proxy: ProxyProcess) -> dict[str, Any]:
-    with admin(proxy) as conn:
-        cur = conn.execute("SHOW STATE")
-        assert cur.description is not None
-        row = cur.fetchone()
-        assert row is not None
-        return dict(zip([c.name for c in cur.description], row, strict=True))
 
 
 class Background:
@@ -73,31 +59,31 @@ def test_pause_waits_for_transactions_then_holds_new_work(
         proxy: ProxyProcess, table: PostgresCluster) -> None:
     running = connect(proxy)
     idle = connect(proxy, autocommit=True)
-    console = admin(proxy)
+    console = admin_console(proxy)
     try:
         idle.execute("select 1")
         running.execute(f"insert into {TABLE} values (1)")  # BEGIN; INSERT: open
         pause = Background(lambda: console.execute("PAUSE").statusmessage)
         time.sleep(0.5)
         assert pause.result == []  # waits for the running transaction
-        assert state(proxy)["state"] == "pausing"
+        assert show_state(proxy)["state"] == "pausing"
         late = Background(lambda: idle.execute("select 'after resume'").fetchone())
         running.execute(f"insert into {TABLE} values (2)")  # still runs while pausing
         running.commit()
         assert pause.wait(3) == "PAUSE"
-        s = state(proxy)
+        s = show_state(proxy)
         assert s["state"] == "paused" and s["paused_databases"] == "(all)"
         # clients stay connected, new ones log in, but their statements wait
         newcomer = connect(proxy, autocommit=True)
         fresh = Background(lambda: newcomer.execute("select 'newcomer'").fetchone())
         time.sleep(1)
         assert late.result == [] and fresh.result == []
-        assert state(proxy)["held_by_pause"] == 2
+        assert show_state(proxy)["held_by_pause"] == 2
         assert on_shard(table, f"select id from {TABLE} order by id") == [(1,), (2,)]
         assert console.execute("RESUME").statusmessage == "RESUME"
         assert late.wait(3) == ("after resume",)
         assert fresh.wait(3) == ("newcomer",)
-        assert state(proxy)["state"] == "running"
+        assert show_state(proxy)["state"] == "running"
         newcomer.close()
     finally:
         console.execute("RESUME")
@@ -106,13 +92,13 @@ def test_pause_waits_for_transactions_then_holds_new_work(
 
 
 def test_pause_of_one_database(proxy: ProxyProcess) -> None:
-    with admin(proxy) as console, connect(proxy, autocommit=True) as client:
+    with admin_console(proxy) as console, connect(proxy, autocommit=True) as client:
         with pytest.raises(psycopg.Error) as err:
             console.execute("PAUSE nosuchdb")
         assert err.value.sqlstate == "3D000"
         assert console.execute("PAUSE app").statusmessage == "PAUSE"
         try:
-            assert state(proxy)["paused_databases"] == "app"
+            assert show_state(proxy)["paused_databases"] == "app"
             held = Background(lambda: client.execute("select 'held'").fetchone())
             time.sleep(0.5)
             assert held.result == []
@@ -125,7 +111,7 @@ def test_pause_of_one_database(proxy: ProxyProcess) -> None:
 
 
 def test_a_paused_client_that_leaves_frees_nothing_it_did_not_hold(proxy: ProxyProcess) -> None:
-    with admin(proxy) as console:
+    with admin_console(proxy) as console:
         console.execute("PAUSE")
         try:
             leaver = connect(proxy, autocommit=True)
@@ -133,7 +119,7 @@ def test_a_paused_client_that_leaves_frees_nothing_it_did_not_hold(proxy: ProxyP
             time.sleep(0.3)
             leaver.close()  # while held
             gone.thread.join(3)
-            assert state(proxy)["held_by_pause"] == 0
+            assert show_state(proxy)["held_by_pause"] == 0
         finally:
             console.execute("RESUME")
     with connect(proxy, autocommit=True) as conn:
