@@ -56,9 +56,17 @@ def main() -> None:
         return (b"\0P0_1\0" + struct.pack("!hhhi", 1, 1, 1, 4) + struct.pack("!i", aid)
                 + struct.pack("!h", 0))
 
+    def text_bind_message(aid: int) -> bytes:
+        """The same with no format codes and the aid as text, as libpq and pgbench send it."""
+        value = b"%d" % aid
+        return (b"\0P0_1\0" + struct.pack("!hhi", 0, 1, len(value)) + value
+                + struct.pack("!h", 0))
+
     values_at = len(b"\0P0_1\0")
 
-    bodies = itertools.cycle([bind_message(aid * 977 % 1000000 + 1) for aid in range(4096)])
+    keys = [aid * 977 % 1000000 + 1 for aid in range(4096)]
+    bodies = itertools.cycle([bind_message(aid) for aid in keys])
+    text_bodies = itertools.cycle([text_bind_message(aid) for aid in keys])
 
     def bound() -> None:
         # The proxy's path for a Bind (server.py `_route_unit`): the lane reads the key from
@@ -67,12 +75,18 @@ def main() -> None:
         if router.lane_plan(analyses, (23,), body, values_at) is None:
             router.plan_bind(analyses, (23,), read_bind(body)[2], ctx)
 
+    def bound_text() -> None:
+        body = next(text_bodies)
+        if router.lane_plan(analyses, (), body, values_at) is None:
+            router.plan_bind(analyses, (), read_bind(body)[2], ctx)
+
     for name, fn in (("simple (fingerprint + route)", simple),
                      ("prepared (bind + route)", prepared),
-                     ("Bind message (lane)", bound)):
+                     ("Bind message (lane), binary", bound),
+                     ("Bind message (lane), text", bound_text)):
         fn()
         rounds = [timeit.timeit(fn, number=20000) / 20000 * 1e6 for _ in range(7)]
-        print(f"{name:32} {statistics.median(rounds):6.2f} µs per statement")
+        print(f"{name:34} {statistics.median(rounds):6.2f} µs per statement")
 
 
 if __name__ == "__main__":

@@ -284,3 +284,52 @@ def test_shape_cache_reads_new_values(template: str) -> None:
         sql = _fill(template, seed).encode()
         assert cache(sql) == fingerprint(sql)
     assert cache(b"select * from t where a = 'it''s' and b in (1,2,3) limit 4")[1][0] == s("it's")
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 123",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = 123;",
+    "select * from orders where id=7 for update",
+    "DELETE FROM t WHERE id = 5 RETURNING *",
+    "select x from some_table where a = 1e5",
+    "select x from some_table where a = 'x'",
+])
+def test_integer_shapes_answer_as_the_scan_does(sql: str) -> None:
+    """`integer` answers a query of a learnt one-integer shape by its fixed text on both sides:
+    for new digits it gives the scanner's normalised text and literal, and for texts that
+    differ near or in the literal (a decimal point, an exponent, a quote, a letter, a second
+    number...) it gives either that or nothing, never another answer."""
+    cache = FingerprintCache()
+    original = sql.encode()
+    printed = cache(original)
+    single = (printed is not None and len(printed[1]) == 1 and not printed[1][0].is_string
+              and printed[1][0].text.isdigit())
+    digits = re.search(rb"\d+", original)
+    rng = random.Random(original)
+    for _ in range(300):
+        if digits is not None and rng.random() < 0.5:
+            middle = bytes(rng.choice(b"0123456789" + _MUTATIONS) for _ in range(rng.randint(0, 4)))
+            query = original[:digits.start()] + middle + original[digits.end():]
+        else:
+            pos = rng.randrange(len(original))
+            query = original[:pos] + bytes([rng.choice(_MUTATIONS)]) + original[pos + 1:]
+        answer = cache.integer(query)
+        if answer is not None:
+            expected = fingerprint(query)
+            assert expected is not None, query
+            assert (answer[0], (Literal(answer[1].decode(), False),)) == expected, query
+    if single:
+        assert digits is not None and printed is not None
+        other = original[:digits.start()] + b"987654" + original[digits.end():]
+        assert cache.integer(other) == (printed[0], b"987654")
+    else:  # not a one-integer shape: `match` answers
+        assert cache.integer(original) is None
+
+
+def test_integer_shapes_need_fixed_text_before_the_literal() -> None:
+    """A literal within the first bytes would change the key the shape is kept by: such a
+    shape is left to `match`."""
+    cache = FingerprintCache()
+    assert cache(b"select 5 from t") is not None
+    assert cache.integer(b"select 6 from t") is None
+    assert cache.match(b"select 6 from t") is not None

@@ -131,6 +131,20 @@ class StatementRouter:
     def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC") -> Plan:
         """The plan of a simple Query (all its statements)."""
         fingerprint = self._fingerprint
+        if ctx.shard is None and ctx.key is None:
+            integer = fingerprint.integer(sql)
+            if integer is not None:
+                lane = self._lanes.get(integer[0])  # its index is 0: the only literal
+                text = integer[1]
+                if lane is not None and len(text) < 19:
+                    value = int(text)
+                    bounds = lane.bounds
+                    plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
+                        lane.plan(value))
+                    if plan is not None:
+                        self.hits += 1
+                        self.last_key = (lane.key_of, value)
+                        return plan
         known = fingerprint.match(sql)
         printed: tuple[bytes, tuple[Literal, ...]] | None
         if known is not None:
@@ -250,15 +264,37 @@ class StatementRouter:
         """The plan of a Bind message (parameter formats from `values_at` on) of a statement
         whose shape has a lane, read straight from the message, with no routing context (no
         shardwire.shard or .key set); None when there is no lane or its parameter is not
-        plainly an integer: then `plan_bind` of the message read whole."""
+        plainly an integer: then `plan_bind` of the message read whole. Most Binds of a
+        sharded setup come here: the commonest layout (no format codes, the key first, as
+        libpq and pgbench send it) is read with one unpack, and a range rule's bisect is
+        done in place."""
         lane = self._lanes.get(id(analyses[0])) if len(analyses) == 1 else None
         if lane is None:
             return None
-        found = lane.bind_plan(body, values_at, param_types)
-        if found is None:
+        value: int | None
+        if lane.index == 0 and body[values_at:values_at + 2] == b"\0\0":
+            try:
+                nvalues, length = _I16_I32.unpack_from(body, values_at + 2)
+            except struct.error:
+                return None
+            at = values_at + 8
+            digits = _INT_DIGITS.get(param_types[0] if param_types else 0)
+            data = body[at:at + length]
+            if (nvalues < 1 or digits is None or not 0 < length <= digits
+                    or len(data) != length or not data.isdigit()):
+                return None
+            value = int(data)
+        else:
+            value = lane.read(body, values_at, param_types)
+            if value is None:
+                return None
+        bounds = lane.bounds
+        plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
+            lane.plan(value))
+        if plan is None:
             return None
-        self.last_key = (lane.key_of, found[1])
-        return found[0]
+        self.last_key = (lane.key_of, value)
+        return plan
 
     def plan_bind(self, analyses: Sequence[Analysis], param_types: Sequence[int],
                   params: BindValues, ctx: RouteContext, timezone: str = "UTC") -> Plan:
@@ -350,11 +386,10 @@ class _Lane:
         shard = self.rule.shard_for(value)
         return None if shard is None else self.plans[shard]
 
-    def bind_plan(self, body: bytes, pos: int, param_types: Sequence[int]
-                  ) -> tuple[SingleShard, int] | None:
-        """The plan and the key of a Bind message whose parameter formats start at `pos`,
-        reading only the lane's parameter, in place; None when it is not plainly an integer
-        (then the message is read whole: `plan_bind`)."""
+    def read(self, body: bytes, pos: int, param_types: Sequence[int]) -> int | None:
+        """The key of a Bind message whose parameter formats start at `pos`, reading only
+        the lane's parameter, in place, for any layout of format codes; None when it is not
+        plainly an integer (then the message is read whole: `plan_bind`)."""
         index = self.index
         try:
             (nformats,) = _I16.unpack_from(body, pos)
@@ -394,8 +429,7 @@ class _Lane:
             value = int(data)
         else:
             return None
-        plan = self.plan(value)
-        return None if plan is None else (plan, value)
+        return value
 
 
 def _lane(a: Analysis, slot: object, *, literal: bool) -> _Lane | None:

@@ -100,12 +100,9 @@ _BOUND = frozenset(b"EDS")  # what may follow a Bind in a unit _route_unit takes
 def _bound_unit(msgs: list[tuple[int, bytes]]) -> bool:
     """Whether a unit that begins with a Bind is that Bind, then Describe and Execute
     messages, then its Sync (and nothing else), as pgbench and most drivers send it."""
-    n = len(msgs)
-    if msgs[n - 1][0] != _S:
-        return False
-    if n == 4:  # Bind, Describe, Execute, Sync (libpq), without a loop
-        return msgs[1][0] in _BOUND and msgs[2][0] in _BOUND
-    return all(k in _BOUND for k, _ in msgs[1:-1])
+    if len(msgs) == 4:  # Bind, Describe, Execute, Sync (libpq), without a loop
+        return msgs[3][0] == _S and msgs[1][0] in _BOUND and msgs[2][0] in _BOUND
+    return msgs[-1][0] == _S and all(k in _BOUND for k, _ in msgs[1:-1])
 
 
 # First words of the queries the proxy may answer itself (see _local_query).
@@ -381,17 +378,19 @@ class ClientConnection(asyncio.Protocol):
     def _route_unit(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         """The common case of a sharded setup, between transactions: a whole Query, or a Bind of
         a named statement up to its Sync, that one shard runs. It goes out in one write, as on
-        the unsharded path; everything else takes the general path (`_dispatch`)."""
+        the unsharded path; everything else takes the general path (`_dispatch`). This runs
+        for most statements, so it reads each attribute once."""
         kind, body = msgs[0]
-        router = self.proxy.router
+        proxy = self.proxy
+        router = proxy.router
         if kind == _Q:
             sql = body[:-1]
             if len(msgs) != 1 or sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):
                 self._dispatch(msgs)
                 return
-            plan = router.plan_query(sql, self.proxy.no_context, self._timezone())
+            plan = router.plan_query(sql, proxy.no_context, self._timezone())
         elif kind == _B and _bound_unit(msgs):
-            name_at = body.index(0) + 1
+            name_at = 1 if body[0] == 0 else body.index(0) + 1  # mostly the unnamed portal
             name_end = body.index(0, name_at)
             known = self.analyses.get(body[name_at:name_end]) if name_end > name_at else None
             if known is None:
@@ -402,15 +401,16 @@ class ClientConnection(asyncio.Protocol):
                 plan = laned
             else:
                 plan = router.plan_bind(known[0], known[1], read_bind(body)[2],
-                                        self.proxy.no_context, self._timezone())
+                                        proxy.no_context, self._timezone())
         else:
             self._dispatch(msgs)
             return
-        self.heat_key = router.last_key
-        if self.proxy.gate is not None and self.heat_key is not None:
-            plan = self.proxy.gate.throttle(plan, self.heat_key)  # tenants' rates
-        if type(plan) is SingleShard and not self.proxy.fences.active:  # fence.py: held?
-            pool = (self.proxy.pool_for(plan.shard) if not self.proxy.replicated else
+        self.heat_key = key = router.last_key
+        gate = proxy.gate
+        if gate is not None and key is not None:
+            plan = gate.throttle(plan, key)  # tenants' rates
+        if type(plan) is SingleShard and not proxy.fences.active:  # fence.py: held?
+            pool = (proxy.primaries[plan.shard] if not proxy.replicated else
                     self._pool_for(plan.shard, self._statement_of(msgs[0]), False))
             conn = pool.try_acquire()
             if conn is not None:
@@ -1874,6 +1874,7 @@ class Proxy:
         self.clients: set[ClientConnection] = set()
         self.clients_by_pid: dict[int, ClientConnection] = {}
         self.pools: dict[str, Pool] = {}
+        self.primaries: dict[str, Pool] = {}  # shard name -> its primary's pool
         # Shards with replicas (replicas.py); empty when none has: one check on the hot path.
         self.replicated: dict[str, ReplicaSet] = {}
         self.tls_context: ssl.SSLContext | None = None
@@ -1929,6 +1930,9 @@ class Proxy:
                                        self.heat)
             else:
                 old.settings = config.pool
+        # Each shard's primary pool by the shard's name: `pool_for` is on every statement's
+        # path, and a lookup by name costs less than building the pool's key.
+        self.primaries = {name: self.pools[f"{name}/primary"] for name in config.shards}
         self._replica_pools(config)
         for key in list(self.pools):
             if key.split("/")[0] not in config.shards:
@@ -1958,7 +1962,7 @@ class Proxy:
             asyncio.get_running_loop().create_task(old.close())
 
     def pool_for(self, shard: str) -> Pool:
-        return self.pools[f"{shard}/primary"]
+        return self.primaries[shard]
 
     def _replica_pools(self, config: Config) -> None:
         """Pools for the replicas (`<shard>/replica/<host>:<port>`), kept across a reload

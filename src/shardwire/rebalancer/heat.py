@@ -202,9 +202,7 @@ class Heat:
         pending = self.pending
         if pending:
             self.pending = []
-            record = self.record_key
-            for (rule, key), shard, busy in pending:
-                record(rule, key, shard, busy)
+            self._record(pending)
 
     def shard(self, name: str) -> ShardCounters:
         """The counters of a shard (created once, kept across windows)."""
@@ -215,40 +213,53 @@ class Heat:
 
     def record_key(self, rule: str, key: KeyValue, shard: str, busy: float) -> None:
         """One statement of a single-shard route with a known key finished after `busy` s."""
-        found = self.rules.get(rule)
-        if found is None:
-            found = self.rules[rule] = RuleHeat(self.top_keys)
-        # SpaceSaving.add, inlined: this runs for every statement routed by its key.
-        counts, busy_counts = found.statement_counts, found.busy_counts
-        count, seconds = counts.get(key), busy_counts.get(key)
-        if count is not None and seconds is not None:
-            counts[key] = count + 1
-            busy_counts[key] = seconds + busy
-            return
-        weight = 1
-        if len(counts) >= found.statements.capacity:
-            # Full: taking the key in evicts another, which costs a heap operation. A key
-            # spread thin over many others (the common reason to be missing) is not worth
-            # that on every statement, so about one such miss in `miss_sample` is recorded,
-            # at random, with `miss_sample` times the weight (rebalancing.md: the cost). A
-            # sketch that holds the key counts it exactly all the same.
-            self._skip -= 1
-            if self._skip > 0:
-                if count is not None:
-                    counts[key] = count + 1
-                elif seconds is not None:
-                    busy_counts[key] = seconds + busy
-                return
-            self._skip = self._draw(1, 2 * self.miss_sample - 1)
-            weight = self.miss_sample
-        if count is None:
-            found.statements.insert(key, weight, shard)
-        else:
-            counts[key] = count + 1
-        if seconds is None:
-            found.busy.insert(key, busy * weight, shard)
-        else:
-            busy_counts[key] = seconds + busy
+        self._record([((rule, key), shard, busy)])
+
+    def _record(self, items: list[tuple[tuple[str, KeyValue], str, float]]) -> None:
+        """`record_key` for each item. This runs for every statement routed by its key, so
+        it is SpaceSaving.add inlined, with the current rule's dicts in locals."""
+        rule: str | None = None
+        found: RuleHeat | None = None
+        counts: dict[Hashable, float] = {}
+        busy_counts: dict[Hashable, float] = {}
+        capacity = 0
+        for (name, key), shard, busy in items:
+            if name != rule:
+                rule, found = name, self.rules.get(name)
+                if found is None:
+                    found = self.rules[name] = RuleHeat(self.top_keys)
+                counts, busy_counts = found.statement_counts, found.busy_counts
+                capacity = found.statements.capacity
+            count, seconds = counts.get(key), busy_counts.get(key)
+            if count is not None and seconds is not None:
+                counts[key] = count + 1
+                busy_counts[key] = seconds + busy
+                continue
+            weight = 1
+            if len(counts) >= capacity:
+                # Full: taking the key in evicts another, which costs a heap operation. A
+                # key spread thin over many others (the common reason to be missing) is not
+                # worth that on every statement, so about one such miss in `miss_sample` is
+                # recorded, at random, with `miss_sample` times the weight (rebalancing.md:
+                # the cost). A sketch that holds the key counts it exactly all the same.
+                self._skip -= 1
+                if self._skip > 0:
+                    if count is not None:
+                        counts[key] = count + 1
+                    elif seconds is not None:
+                        busy_counts[key] = seconds + busy
+                    continue
+                self._skip = self._draw(1, 2 * self.miss_sample - 1)
+                weight = self.miss_sample
+            assert found is not None
+            if count is None:
+                found.statements.insert(key, weight, shard)
+            else:
+                counts[key] = count + 1
+            if seconds is None:
+                found.busy.insert(key, busy * weight, shard)
+            else:
+                busy_counts[key] = seconds + busy
 
     def snapshot(self, now: float) -> HeatWindow:
         self.drain()
