@@ -33,6 +33,7 @@ integration: $(STAMP)
 bench: $(STAMP)
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/run.py
 	BENCH_SECONDS=$(BENCH_SECONDS) $(PY) bench/sharded.py
+	$(PY) bench/instructions.py
 	$(PY) bench/scatter.py
 	$(PY) bench/transactions.py
 	BENCH_SECONDS=5 $(PY) bench/replicas.py

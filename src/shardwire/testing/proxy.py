@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ class ProxyProcess:
 
     def __init__(self, config: Mapping[str, Any], workdir: str | Path, *,
                  env: Mapping[str, str] | None = None, log_level: str = "info",
-                 workers: int = 1) -> None:
+                 workers: int = 1, wrapper: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         cfg = dict(config)
@@ -40,6 +40,7 @@ class ProxyProcess:
         self.env.update(env or {})
         self.log_level = log_level
         self.workers = workers
+        self.wrapper = list(wrapper)  # a command the proxy runs under (valgrind, say)
         self.ready_line = b""  # what the proxy printed when it was ready
         self.proc: subprocess.Popen[bytes] | None = None
         self.write_config(cfg)
@@ -48,7 +49,7 @@ class ProxyProcess:
         self.config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
 
     def start(self, timeout: float = 20) -> ProxyProcess:
-        args = [sys.executable, "-m", "shardwire.cli", "serve", "--config",
+        args = [*self.wrapper, sys.executable, "-m", "shardwire.cli", "serve", "--config",
                 str(self.config_path), "--log-level", self.log_level]
         if self.workers > 1:
             args += ["--workers", str(self.workers)]
