@@ -54,6 +54,7 @@ def main() -> int:
               "(apt-get install -y valgrind)", file=sys.stderr)
         return 0
     statements = _env_int("BENCH_STATEMENTS", 3000)
+    source = report.shardwire_source()  # before this run writes its results
     workdir = Path(tempfile.mkdtemp(prefix="shardwire-bench-instructions-"))
     os.chmod(workdir, 0o711)  # the postgres OS user runs the servers in here
     clusters: list[PostgresCluster] = []
@@ -91,7 +92,7 @@ def main() -> int:
     report.write_json(
         RESULTS / "instructions.json", {"when": when, "statements": statements, "rows": rows}
     )
-    section = _markdown(rows, when, statements)
+    section = _markdown(rows, when, statements, source)
     print(section)
     report.write_docs(DOCS, section)
     return 0
@@ -198,13 +199,13 @@ def _pgbench(target: Target, protocol: str, transactions: int) -> None:
         raise RuntimeError(f"pgbench through the proxy failed:\n{result.stdout}\n{result.stderr}")
 
 
-def _markdown(rows: list[dict[str, Any]], when: str, statements: int) -> str:
+def _markdown(rows: list[dict[str, Any]], when: str, statements: int, source: str) -> str:
     lines = [
         START_MARKER,
         "## Instructions per statement in the proxy (callgrind)",
         "",
         f"Written by `.venv/bin/python bench/instructions.py` on {when} (Shardwire "
-        f"{shardwire.__version__}, {report.shardwire_source()}). pgbench -S -c 1 through the "
+        f"{shardwire.__version__}, {source}). pgbench -S -c 1 through the "
         "proxy running under valgrind's callgrind: instructions the proxy executed per "
         f"statement ({statements:,} statements less {WARM}, each run after zeroing the "
         "counters). A count does not depend on the machine's load, so it shows what routing "
