@@ -32,7 +32,8 @@ from typing import Any
 
 import report
 from pgbench_run import Target, initialise
-from run import DATABASE, DOCS, POOL_SIZE, RESULTS, USER, _env_int, _progress
+from run import DATABASE, DOCS, RESULTS, USER, _env_int, _progress
+from sharded import SETUPS, proxy_configs
 
 import shardwire
 from shardwire.testing import PostgresCluster, start_clusters, stop_clusters
@@ -40,7 +41,6 @@ from shardwire.testing.proxy import ProxyProcess
 
 SCALE = 1  # the proxy's work per statement does not depend on the table's size
 SPLIT = 50_001
-SETUPS = ("one-shard", "routed", "sharded")
 PROTOCOLS = ("simple", "prepared")
 WARM = 500
 IDLE_SECONDS = 5
@@ -63,7 +63,8 @@ def main() -> int:
         with ThreadPoolExecutor(max_workers=2) as pool:
             for future in [pool.submit(_fill, c) for c in clusters]:
                 future.result()
-        configs = _configs(*clusters)
+        s1, s2 = (c.dsn(DATABASE, user=USER) for c in clusters)
+        configs = proxy_configs(s1, s1, s2, SPLIT)  # both servers hold every account
         counts: dict[tuple[str, str], int] = {}
         jobs = [(setup, protocol) for setup in SETUPS for protocol in PROTOCOLS]
         # callgrind runs one thread at a time: two proxies at once use the two cores.
@@ -103,42 +104,6 @@ def _fill(cluster: PostgresCluster) -> None:
     cluster.sql(f"CREATE DATABASE {DATABASE} OWNER {USER}")
     target = Target(cluster.name, cluster.host, cluster.port)
     initialise(target, user=USER, database=DATABASE, scale=SCALE)
-
-
-def _configs(s1: PostgresCluster, s2: PostgresCluster) -> dict[str, dict[str, Any]]:
-    base: dict[str, Any] = {
-        "auth": {"method": "trust"},
-        "database": DATABASE,
-        "users": {USER: {}},
-        "default_shard": "s1",
-        "pool": {"size": POOL_SIZE},
-    }
-
-    def rule(ranges: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "rules": {
-                "by_aid": {
-                    "kind": "range",
-                    "column": "aid",
-                    "type": "integer",
-                    "tables": ["pgbench_accounts"],
-                    "ranges": ranges,
-                }
-            },
-            "reference": ["pgbench_branches", "pgbench_tellers"],
-        }
-
-    one = {"s1": {"primary": s1.dsn(DATABASE, user=USER)}}
-    two = {**one, "s2": {"primary": s2.dsn(DATABASE, user=USER)}}
-    return {
-        "one-shard": {**base, "shards": one},
-        "routed": {**base, "shards": one, "sharding": rule([{"shard": "s1"}])},
-        "sharded": {
-            **base,
-            "shards": two,
-            "sharding": rule([{"to": SPLIT, "shard": "s1"}, {"from": SPLIT, "shard": "s2"}]),
-        },
-    }
 
 
 def _count(config: dict[str, Any], protocol: str, statements: int, workdir: Path) -> int:

@@ -31,11 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from pgbench_run import Target, initialise, run_select_only
+from run import DATABASE, USER, proxy_settings
 
 from shardwire.testing import PostgresCluster, stop_clusters
 from shardwire.testing.proxy import ProxyProcess
 
-USER = DATABASE = "bench"
 SCALE = 10
 CLIENTS = 8
 POOL_SIZE = 20
@@ -44,18 +44,11 @@ RESULTS = Path(__file__).parent / "results"
 
 def _config(primary: PostgresCluster, replica: PostgresCluster | None,
             target: str = "replica") -> dict[str, Any]:
-    shard: dict[str, Any] = {"primary": primary.dsn(DATABASE, user=USER)}
+    config = proxy_settings({"s1": primary.dsn(DATABASE, user=USER)},
+                            pool={"size": POOL_SIZE}, replicas={"target": target})
     if replica is not None:
-        shard["replicas"] = [replica.dsn(DATABASE, user=USER)]
-    return {
-        "auth": {"method": "trust"},
-        "database": DATABASE,
-        "users": {USER: {}},
-        "shards": {"s1": shard},
-        "default_shard": "s1",
-        "pool": {"size": POOL_SIZE},
-        "replicas": {"target": target},
-    }
+        config["shards"]["s1"]["replicas"] = [replica.dsn(DATABASE, user=USER)]
+    return config
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import idle_clients
 import pgbouncer
@@ -46,6 +47,20 @@ POOL_SIZE = 20  # PgBouncer's default_pool_size and Shardwire's pool.size
 IDLE_CLIENTS = 1000
 WORKLOADS = tuple(Workload(p, c) for p in ("simple", "prepared") for c in (1, 8))
 WARMUP_SECONDS = 2
+
+
+def proxy_settings(shards: Mapping[str, str], **more: Any) -> dict[str, Any]:
+    """A benchmark proxy's config: the bench user with trust, `shards` (name -> primary DSN),
+    s1 the default shard, pool.size POOL_SIZE; `more` adds or replaces sections."""
+    return {
+        "auth": {"method": "trust"},
+        "database": DATABASE,
+        "users": {USER: {}},
+        "shards": {name: {"primary": dsn} for name, dsn in shards.items()},
+        "default_shard": "s1",
+        "pool": {"size": POOL_SIZE},
+        **more,
+    }
 
 
 def _env_int(name: str, default: int) -> int:
@@ -115,15 +130,10 @@ def main() -> int:
         )
         bouncer.start()
         proxy = ProxyProcess(
-            {
-                "listen": {"max_client_connections": IDLE_CLIENTS + 100},
-                "auth": {"method": "trust"},
-                "database": DATABASE,
-                "users": {USER: {}},
-                "shards": {"s1": {"primary": cluster.dsn(DATABASE, user=USER)}},
-                "default_shard": "s1",
-                "pool": {"size": POOL_SIZE},
-            },
+            proxy_settings(
+                {"s1": cluster.dsn(DATABASE, user=USER)},
+                listen={"max_client_connections": IDLE_CLIENTS + 100},
+            ),
             workdir / "shardwire",
             log_level="warning",
         )

@@ -79,7 +79,17 @@ from report import (
     table_text,
     write_json,
 )
-from run import DATABASE, DOCS, RESULTS, USER, _env_int, _interrupt, _loadavg, _progress
+from run import (
+    DATABASE,
+    DOCS,
+    RESULTS,
+    USER,
+    _env_int,
+    _interrupt,
+    _loadavg,
+    _progress,
+    proxy_settings,
+)
 
 import shardwire
 from shardwire.testing import (
@@ -503,13 +513,6 @@ def build(workdir: Path) -> Bench:
             futures += [pool.submit(_fill, c, *shard_bounds(i)) for i, c in enumerate(bench.shards)]
             for future in futures:
                 future.result()
-        base: dict[str, Any] = {
-            "auth": {"method": "trust"},
-            "database": DATABASE,
-            "users": {USER: {}},
-            "default_shard": "s1",
-            "pool": {"size": POOL_SIZE},
-        }
         names = [f"s{i + 1}" for i in range(SHARDS)]
         ranges: list[dict[str, Any]] = []
         for i, name in enumerate(names):
@@ -520,30 +523,28 @@ def build(workdir: Path) -> Bench:
             if i < SHARDS - 1:
                 entry["to"] = high
             ranges.append(entry)
+        pool_settings = {"size": POOL_SIZE}
         bench.proxies[ONE_SHARD] = ProxyProcess(
-            {**base, "shards": {"s1": {"primary": bench.single.dsn(DATABASE, user=USER)}}},
+            proxy_settings({"s1": bench.single.dsn(DATABASE, user=USER)}, pool=pool_settings),
             workdir / ONE_SHARD,
             log_level="warning",
         )
+        by_k = {
+            "kind": "range",
+            "column": "k",
+            "type": "integer",
+            "tables": ["t"],
+            "ranges": ranges,
+        }
         bench.proxies[SHARDED] = ProxyProcess(
-            {
-                **base,
-                "shards": {
-                    name: {"primary": c.dsn(DATABASE, user=USER)}
+            proxy_settings(
+                {
+                    name: c.dsn(DATABASE, user=USER)
                     for name, c in zip(names, bench.shards, strict=True)
                 },
-                "sharding": {
-                    "rules": {
-                        "by_k": {
-                            "kind": "range",
-                            "column": "k",
-                            "type": "integer",
-                            "tables": ["t"],
-                            "ranges": ranges,
-                        }
-                    }
-                },
-            },
+                pool=pool_settings,
+                sharding={"rules": {"by_k": by_k}},
+            ),
             workdir / SHARDED,
             log_level="warning",
         )

@@ -60,6 +60,7 @@ from run import (
     _interrupt,
     _loadavg,
     _progress,
+    proxy_settings,
 )
 
 import shardwire
@@ -200,72 +201,16 @@ def main() -> int:
         if sum(counts.values()) != ACCOUNTS:
             raise RuntimeError(f"the shards hold {counts} accounts, not {ACCOUNTS} in all")
 
-        base: dict[str, Any] = {
-            "auth": {"method": "trust"},
-            "database": DATABASE,
-            "users": {USER: {}},
-            "default_shard": "s1",
-            "pool": {"size": POOL_SIZE},
-        }
-        one = ProxyProcess(
-            {**base, "shards": {"s1": {"primary": single.dsn(DATABASE, user=USER)}}},
-            workdir / "one-shard",
-            log_level="warning",
+        configs = proxy_configs(
+            single.dsn(DATABASE, user=USER), s1.dsn(DATABASE, user=USER),
+            s2.dsn(DATABASE, user=USER), SPLIT)  # fmt: skip
+        one, routed, sharded = (
+            ProxyProcess(configs[setup], workdir / setup, log_level="warning")
+            for setup in SETUPS
         )
-        proxies.append(one)
-        one.start()
-        # The same server behind a map that routes every statement (to it): what routing
-        # costs, without a second server on the machine.
-        routed = ProxyProcess(
-            {
-                **base,
-                "shards": {"s1": {"primary": single.dsn(DATABASE, user=USER)}},
-                "sharding": {
-                    "rules": {
-                        "by_aid": {
-                            "kind": "range",
-                            "column": "aid",
-                            "type": "integer",
-                            "tables": ["pgbench_accounts"],
-                            "ranges": [{"shard": "s1"}],
-                        }
-                    },
-                    "reference": ["pgbench_branches", "pgbench_tellers"],
-                },
-            },
-            workdir / "routed",
-            log_level="warning",
-        )
-        proxies.append(routed)
-        routed.start()
-        sharded = ProxyProcess(
-            {
-                **base,
-                "shards": {
-                    "s1": {"primary": s1.dsn(DATABASE, user=USER)},
-                    "s2": {"primary": s2.dsn(DATABASE, user=USER)},
-                },
-                "sharding": {
-                    "rules": {
-                        "by_aid": {
-                            "kind": "range",
-                            "column": "aid",
-                            "type": "integer",
-                            "tables": ["pgbench_accounts"],
-                            "ranges": [
-                                {"to": SPLIT, "shard": "s1"},
-                                {"from": SPLIT, "shard": "s2"},
-                            ],
-                        }
-                    },
-                    "reference": ["pgbench_branches", "pgbench_tellers"],
-                },
-            },
-            workdir / "sharded",
-            log_level="warning",
-        )
-        proxies.append(sharded)
-        sharded.start()
+        for proxy in (one, routed, sharded):
+            proxies.append(proxy)
+            proxy.start()
         targets = {
             ONE_SHARD: Target(ONE_SHARD, one.host, one.port),
             ROUTED: Target(ROUTED, routed.host, routed.port),
@@ -329,6 +274,32 @@ def main() -> int:
             _progress(f"kept {workdir}")
         else:
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+def proxy_configs(single: str, s1: str, s2: str, split: int) -> dict[str, dict[str, Any]]:
+    """The proxies' configs by setup (ONE_SHARD, ROUTED, SHARDED), from the servers' DSNs:
+    *routed* puts the single server behind a map that routes every statement (to it), what
+    routing costs without a second server on the machine; *sharded* splits the accounts at
+    `split` between s1 and s2."""
+
+    def by_aid(ranges: list[dict[str, Any]]) -> dict[str, Any]:
+        rule = {
+            "kind": "range",
+            "column": "aid",
+            "type": "integer",
+            "tables": ["pgbench_accounts"],
+            "ranges": ranges,
+        }
+        return {"rules": {"by_aid": rule}, "reference": ["pgbench_branches", "pgbench_tellers"]}
+
+    return {
+        ONE_SHARD: proxy_settings({"s1": single}),
+        ROUTED: proxy_settings({"s1": single}, sharding=by_aid([{"shard": "s1"}])),
+        SHARDED: proxy_settings(
+            {"s1": s1, "s2": s2},
+            sharding=by_aid([{"to": split, "shard": "s1"}, {"from": split, "shard": "s2"}]),
+        ),
+    }
 
 
 def _fill(cluster: PostgresCluster) -> None:

@@ -98,6 +98,7 @@ from run import (
     _interrupt,
     _loadavg,
     _progress,
+    proxy_settings,
 )
 from scatter import Machine, Verdict
 
@@ -416,27 +417,16 @@ def build(workdir: Path) -> Bench:
         with ThreadPoolExecutor(max_workers=len(SHARDS)) as pool:
             for future in [pool.submit(_keep_owned, c, s) for s, c in bench.shards.items()]:
                 future.result()
-        base: dict[str, Any] = {
-            "auth": {"method": "trust"},
-            "database": DATABASE,
-            "users": {USER: {}},
-            "default_shard": "s1",
-            "pool": {"size": POOL_SIZE},
-        }
         bench.proxies[ONE_SHARD] = ProxyProcess(
-            {**base, "shards": {"s1": {"primary": bench.single.dsn(DATABASE, user=USER)}}},
+            proxy_settings({"s1": bench.single.dsn(DATABASE, user=USER)}),
             workdir / ONE_SHARD,
             log_level="warning",
         )
         bench.proxies[SHARDED] = ProxyProcess(
-            {
-                **base,
-                "shards": {
-                    name: {"primary": c.dsn(DATABASE, user=USER)}
-                    for name, c in bench.shards.items()
-                },
-                "sharding": shard_map(),
-            },
+            proxy_settings(
+                {name: c.dsn(DATABASE, user=USER) for name, c in bench.shards.items()},
+                sharding=shard_map(),
+            ),
             workdir / SHARDED,
             log_level="warning",
         )

@@ -27,13 +27,13 @@ from pathlib import Path
 from types import FrameType
 
 from pgbench_run import PgbenchResult, Target, initialise, run_select_only
+from run import DATABASE, USER, proxy_settings
 
 from shardwire.testing import PostgresCluster, start_clusters
 from shardwire.testing.proxy import ProxyProcess
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS = BENCH_DIR / "results"
-USER = DATABASE = "bench"
 SCALE = 10
 POOL_SIZE = 20  # per worker
 WORKER_COUNTS = (1, 2)
@@ -83,9 +83,8 @@ def main() -> int:
         initialise(Target(server.name, server.host, server.port), user=USER,
                    database=DATABASE, scale=SCALE)
         for n in WORKER_COUNTS:
-            config = {"auth": {"method": "trust"}, "database": DATABASE, "users": {USER: {}},
-                      "shards": {"s1": {"primary": server.dsn(DATABASE, user=USER)}},
-                      "default_shard": "s1", "pool": {"size": POOL_SIZE}}
+            config = proxy_settings({"s1": server.dsn(DATABASE, user=USER)},
+                                    pool={"size": POOL_SIZE})
             proxies[n] = ProxyProcess(config, workdir / f"workers-{n}", log_level="warning",
                                       workers=n).start(timeout=60)
         for r in range(1, rounds + 1):
