@@ -174,8 +174,9 @@ def _markdown(rows: list[dict[str, Any]], when: str, statements: int, source: st
         "proxy running under valgrind's callgrind: instructions the proxy executed per "
         f"statement ({statements:,} statements less {WARM}, each run after zeroing the "
         "counters). A count does not depend on the machine's load, so it shows what routing "
-        "costs the proxy without the noise of the TPS rows; it counts instructions, not "
-        "cache misses or time. *routed*: the one-shard server behind a map that routes every "
+        "costs the proxy without the noise of the TPS rows; it counts the proxy's own "
+        "instructions, not the kernel's for its sends and receives, nor cache misses or "
+        "time. *routed*: the one-shard server behind a map that routes every "
         "statement; *sharded*: two servers, both holding every account, so that replies are "
         "the same as for one.",
         "",

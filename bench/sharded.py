@@ -175,6 +175,7 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGHUP, _interrupt)
     loadavg = _loadavg()
+    source = report.shardwire_source()  # before this run writes its results
     workdir = Path(tempfile.mkdtemp(prefix="shardwire-bench-sharded-"))
     os.chmod(workdir, 0o711)  # the postgres OS user runs the servers in here
     clusters: list[PostgresCluster] = []
@@ -243,7 +244,8 @@ def main() -> int:
             f"{_route_text(route_after)} "
             + ("(single on s2, as the map says)" if _route_ok(route_after) else "(WRONG)")
         )
-        env = _describe(single, seconds=seconds, rounds=rounds, loadavg=loadavg, counts=counts)
+        env = _describe(single, seconds=seconds, rounds=rounds, loadavg=loadavg, counts=counts,
+                        source=source)
         notes = _notes(rows, proxies)
 
         print(table_text(HEADERS, [cells(r) for r in rows], right=range(1, 7)))
@@ -413,6 +415,7 @@ def _describe(
     rounds: int,
     loadavg: str,
     counts: Mapping[str, int],
+    source: str,
 ) -> dict[str, str]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -420,7 +423,7 @@ def _describe(
         "software": "PostgreSQL "
         + cluster.sql("SHOW server_version")
         + f", Python {platform.python_version()}, Shardwire {shardwire.__version__} "
-        f"({report.shardwire_source()})",
+        f"({source})",
         "seconds": str(seconds),
         "rounds": str(rounds),
         "loadavg": loadavg,
