@@ -191,3 +191,24 @@ def test_a_lanes_bisect_finds_the_shard_the_rule_gives() -> None:
             plan = lane.plan(key)
             assert (plan.shard if plan is not None else None) == rule.shard_for(key), (
                 ranges, key)
+
+
+def test_a_query_lane_is_a_statement_on_a_sharded_table() -> None:
+    """The proxy asks `query_lane` before it looks for the first words of the queries it may
+    answer itself (SET, SHOW, BEGIN...): a lane must never answer for one of those, however
+    often its shape has been planned, and must answer as `plan_query` does otherwise."""
+    router, fresh = routers()
+    local = [b"SET statement_timeout = %d", b"SHOW ROUTE FOR SELECT * FROM accounts WHERE aid = %d",
+             b"BEGIN; SELECT * FROM accounts WHERE aid = %d", b"set   work_mem = %d",
+             b"START TRANSACTION; UPDATE accounts SET x = 1 WHERE aid = %d"]
+    for shape in local:
+        for value in (5, 77, 1500):
+            router.plan_query(shape % value, CTX)
+        assert router.query_lane(shape % 2500) is None, shape
+    sql = b"SELECT * FROM accounts WHERE aid = %d"
+    router.plan_query(sql % 1, CTX)
+    for value in (7, 999, 1000, 1999, 3000, 123456):
+        plan = router.query_lane(sql % value)
+        assert plan is not None
+        same(router, plan, fresh, fresh.plan_query(sql % value, CTX))
+    assert router.query_lane(sql % 2500) is None  # in no range: the general path says why

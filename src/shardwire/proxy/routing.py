@@ -128,23 +128,35 @@ class StatementRouter:
         cache[sql] = result
         return result
 
-    def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC") -> Plan:
-        """The plan of a simple Query (all its statements)."""
+    def query_lane(self, sql: bytes) -> SingleShard | None:
+        """The plan of a simple Query of a known shape whose one literal is an integer key
+        with a lane, with no routing context (no shardwire.shard or .key set); None for any
+        other query (then `plan_query`). Such a query is a statement on a sharded table."""
+        integer = self._fingerprint.integer(sql)
+        if integer is None:
+            return None
+        lane = self._lanes.get(integer[0])  # its index is 0: the only literal
+        text = integer[1]
+        if lane is None or len(text) >= 19:
+            return None
+        value = int(text)
+        bounds = lane.bounds
+        plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
+            lane.plan(value))
+        if plan is not None:
+            self.hits += 1
+            self.last_key = (lane.key_of, value)
+        return plan
+
+    def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC", *,
+                   lane_tried: bool = False) -> Plan:
+        """The plan of a simple Query (all its statements); `lane_tried`: the caller has
+        asked `query_lane` already."""
         fingerprint = self._fingerprint
-        if ctx.shard is None and ctx.key is None:
-            integer = fingerprint.integer(sql)
-            if integer is not None:
-                lane = self._lanes.get(integer[0])  # its index is 0: the only literal
-                text = integer[1]
-                if lane is not None and len(text) < 19:
-                    value = int(text)
-                    bounds = lane.bounds
-                    plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
-                        lane.plan(value))
-                    if plan is not None:
-                        self.hits += 1
-                        self.last_key = (lane.key_of, value)
-                        return plan
+        if not lane_tried and ctx.shard is None and ctx.key is None:
+            laned = self.query_lane(sql)
+            if laned is not None:
+                return laned
         known = fingerprint.match(sql)
         printed: tuple[bytes, tuple[Literal, ...]] | None
         if known is not None:

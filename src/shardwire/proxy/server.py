@@ -384,11 +384,20 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.proxy
         router = proxy.router
         if kind == _Q:
-            sql = body[:-1]
-            if len(msgs) != 1 or sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):
+            if len(msgs) != 1:
                 self._dispatch(msgs)
                 return
-            plan = router.plan_query(sql, proxy.no_context, self._timezone())
+            sql = body[:-1]
+            # A query with a lane is a statement on a sharded table, never one the proxy may
+            # answer itself (_local_query): only the others need that look at their first word.
+            laned = router.query_lane(sql)
+            if laned is not None:
+                plan: Plan = laned
+            elif sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):
+                self._dispatch(msgs)
+                return
+            else:
+                plan = router.plan_query(sql, proxy.no_context, self._timezone(), lane_tried=True)
         elif kind == _B and _bound_unit(msgs):
             name_at = 1 if body[0] == 0 else body.index(0) + 1  # mostly the unnamed portal
             name_end = body.index(0, name_at)
