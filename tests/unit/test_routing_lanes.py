@@ -212,3 +212,9 @@ def test_a_query_lane_is_a_statement_on_a_sharded_table() -> None:
         assert plan is not None
         same(router, plan, fresh, fresh.plan_query(sql % value, CTX))
     assert router.query_lane(sql % 2500) is None  # in no range: the general path says why
+    for hinted in (b"/* shard: s3 */ SELECT * FROM accounts WHERE aid = %d",
+                   b"SELECT * FROM accounts /* shard: s3 */ WHERE aid = %d"):
+        for value in (7, 8, 9):  # a hint in a learnt shape: the lane never overrules it
+            assert describe(router.plan_query(hinted % value, CTX)) == describe(
+                fresh.plan_query(hinted % value, CTX))
+            assert router.query_lane(hinted % value) is None
