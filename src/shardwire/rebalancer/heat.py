@@ -30,7 +30,7 @@ from ..router.shardmap import KeyValue
 
 DEFAULT_TOP_KEYS = 100
 # A statement whose key a full sketch does not hold is recorded with this probability
-# (1 / MISS_SAMPLE), weighted by MISS_SAMPLE; see `Heat.record_key`.
+# (1 / MISS_SAMPLE), weighted by MISS_SAMPLE; see `Heat._record`.
 MISS_SAMPLE = 16
 # How often the proxy records the statements answered since (`Heat.drain`).
 DRAIN_INTERVAL = 0.05
@@ -134,7 +134,7 @@ class RuleHeat:
     def __init__(self, capacity: int) -> None:
         self.statements = SpaceSaving(capacity)
         self.busy = SpaceSaving(capacity)
-        # The sketches' own dicts, for `Heat.record_key`'s common case without method calls.
+        # The sketches' own dicts, for `Heat._record`'s common case without method calls.
         self.statement_counts = self.statements.counts
         self.busy_counts = self.busy.counts
 
