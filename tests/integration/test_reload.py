@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from conftest import ADMIN_PASSWORD, APP_PASSWORD, DATABASE, MakeProxy, on_shard
+from wire import SYNC, RawClient, bind, data_rows, execute, kinds, parse
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -159,3 +160,29 @@ def test_an_invalid_map_is_rejected_and_the_old_one_keeps_serving(
     with psycopg.connect(proxy.dsn("app", APP_PASSWORD), autocommit=True) as conn:
         conn.execute(f"INSERT INTO {table} (tenant_id, id, note) VALUES (5, 1, 'old map')")
     assert notes(shards[1]) == ["old map"]
+
+
+def test_a_statement_prepared_before_a_reload_runs_on_the_new_map(
+        make_proxy: MakeProxy, shards: list[PostgresCluster], table: str) -> None:
+    """A client prepares (Parse) under the old map and executes (Bind) after the reload:
+    each execution after the reload runs where the new map puts its key. The Binds have
+    the layout libpq and pgbench send, which the proxy recognises by their first bytes
+    (routing.md, Speed): that shortcut must not outlive the map it was made for."""
+    for shard, note in ((shards[0], "old map"), (shards[1], "new map")):
+        shard.sql(f"INSERT INTO {table} (tenant_id, id, note) VALUES (5, 1, '{note}')",
+                  dbname=DATABASE)
+    proxy = make_proxy(lambda cfg: tenant_map(cfg, {5: "s1", 6: "s1"}))
+    with RawClient(proxy.host, proxy.port) as raw:
+        raw.login("app", APP_PASSWORD, DATABASE)
+        raw.send(parse("st", f"SELECT note FROM {table} WHERE tenant_id = $1", [23]), SYNC)
+        assert kinds(raw.read_until_ready()) == "1Z"
+        for _ in range(3):
+            raw.send(bind("", "st", [b"5"]), execute(), SYNC)
+            assert data_rows(raw.read_until_ready()) == [("old map",)]
+        cfg = proxy.config
+        tenant_map(cfg, {5: "s2", 6: "s1"})
+        proxy.write_config(cfg)
+        reload(proxy)
+        for _ in range(3):
+            raw.send(bind("", "st", [b"5"]), execute(), SYNC)
+            assert data_rows(raw.read_until_ready()) == [("new map",)]

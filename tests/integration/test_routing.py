@@ -49,7 +49,8 @@ from conftest import (
     base_config,
     on_shard,
 )
-from wire import SYNC, RawClient, bind, errors, execute, kinds, parse
+from wire import SYNC, RawClient, bind, data_rows, errors, execute, kinds, parse
+from wire import close as close_message
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -1065,6 +1066,37 @@ def test_asyncpg_prepared_statements_route_each_execution(
             await close(conn)
 
     run(main())
+
+
+def test_a_statement_made_again_under_its_name_routes_by_its_new_text(
+        routing_proxy: ProxyProcess, shards: list[PostgresCluster]) -> None:
+    """The proxy remembers the lane of the statement a client bound last (routing.md,
+    Speed): Binds of it that look alike are routed at once. A statement closed and made
+    again under the same name is routed by its new text, never by the old one's lane."""
+    for shard, key in (("s1", 50), ("s2", 150), ("s3", 350)):
+        plant(shards, [shard], EVENTS, "id, note", [key, f"event {key}"])
+    plant(shards, ["s1", "s3"], EVENTS, "id, note", [150, "poison"])
+    for shard, tenant in (("s1", 1), ("s2", 2), ("s3", 3)):
+        plant(shards, [shard], ORDERS, "id, tenant_id, note", [150, tenant, f"order {shard}"])
+    raw = RawClient(routing_proxy.host, routing_proxy.port)
+    try:
+        raw.login("app", APP_PASSWORD, DATABASE)
+        raw.send(parse("st", f"select note from {EVENTS} where id = $1", [20]), SYNC)
+        assert kinds(raw.read_until_ready()) == "1Z"
+        for key in (150, 50, 150, 350, 150):  # the same layout each time, keys of all shards
+            raw.send(bind("", "st", [str(key).encode()]), execute(), SYNC)
+            assert data_rows(raw.read_until_ready()) == [(f"event {key}",)]
+        # The same name, another text of the same layout: `id` is not the orders' key, so
+        # the read runs on every shard.
+        raw.send(close_message("S", "st"), SYNC)
+        assert kinds(raw.read_until_ready()) == "3Z"
+        raw.send(parse("st", f"select note from {ORDERS} where id = $1 order by note", [20]),
+                 SYNC)
+        assert kinds(raw.read_until_ready()) == "1Z"
+        raw.send(bind("", "st", [b"150"]), execute(), SYNC)
+        assert data_rows(raw.read_until_ready()) == [("order s1",), ("order s2",), ("order s3",)]
+    finally:
+        raw.close()
 
 
 def test_in_list_of_parameters_without_spaces(dsn: str, shards: list[PostgresCluster]) -> None:

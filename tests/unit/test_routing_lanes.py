@@ -9,7 +9,7 @@ import random
 import struct
 
 from shardwire.config.load import parse_config
-from shardwire.proxy.routing import BindValues, StatementRouter, read_bind
+from shardwire.proxy.routing import BindValues, Prepared, StatementRouter, read_bind
 from shardwire.router.plan import describe
 from shardwire.router.route import RouteContext
 from shardwire.router.shardmap import ShardMap
@@ -162,6 +162,56 @@ def test_bind_messages_read_in_place_route_as_read_whole() -> None:
         same(warm, plan, fresh, expected)
     assert sum(lane is not None for lane in warm._lanes.values()) == 2  # both lanes taken
     assert laned > 500
+
+
+def test_a_bound_lane_routes_as_the_message_read_whole() -> None:
+    """The lane a client's last Bind used (`BoundLane`) is taken only for the commonest
+    layout, and for any later Bind that starts with its head (any text, NULL, short or
+    long value) it gives the plan `plan_bind` gives for the message read whole, or none.
+    Another router's (the map reloaded) is never taken."""
+    rng = random.Random(17)
+    warm, _ = routers()
+    sql = b"SELECT * FROM accounts WHERE aid = $1"
+    known = Prepared(warm.prepared(sql), (23,), sql)
+    first = bind_body(b"s", [], [b"5"])
+    assert warm.plan_bind(known.analyses, known.param_types, read_bind(first)[2], CTX)
+    assert warm.lane_plan(known.analyses, known.param_types, first, 3) is not None
+    bound = warm.bound_lane(known, first, 3)
+    assert bound is not None and first.startswith(bound.head)
+    # Not the commonest layout: format codes, a named portal, the key not first.
+    assert warm.bound_lane(known, bind_body(b"s", [0], [b"5"]), 3) is None
+    assert warm.bound_lane(known, b"p" + first, 4) is None
+    two = Prepared(warm.prepared(b"SELECT * FROM accounts WHERE note = $1 AND aid = $2"),
+                   (25, 23), b"")
+    assert warm.lane_plan(two.analyses, two.param_types,
+                          bind_body(b"s", [], [b"x", b"5"]), 3) is None  # learns the lane
+    warm.plan_bind(two.analyses, two.param_types,
+                   read_bind(bind_body(b"s", [], [b"x", b"5"]))[2], CTX)
+    assert warm.bound_lane(two, bind_body(b"s", [], [b"x", b"5"]), 3) is None
+    taken = 0
+    for _ in range(1000):
+        v = rng.choice([0, 5, 999, 1000, 1999, 2000, 2500, 3000, 40000, -3, 2**31 - 1,
+                        10**9, 10**12])
+        key: bytes | None = rng.choice([str(v).encode(), str(v).encode(), b" 7", b"1_0",
+                                        b"+5", b"12x", b"", b"0" * 12 + b"7"])
+        if rng.random() < 0.05:
+            key = None
+        body = bind_body(b"s", [], [key])
+        if rng.random() < 0.05:
+            body = body[:rng.randrange(len(bound.head), len(body))]
+        plan = warm.bound_plan(bound, body)
+        fresh = routers()[1]
+        try:
+            expected = fresh.plan_bind(fresh.prepared(sql), (23,), read_bind(body)[2], CTX)
+        except (struct.error, ValueError, IndexError):
+            assert plan is None  # too short to read: the general path refuses it
+            continue
+        if plan is not None:
+            taken += 1
+            same(warm, plan, fresh, expected)
+    assert taken > 80  # plain keys of the ranges' shards
+    other = routers()[1]
+    assert other.bound_plan(bound, first) is None
 
 
 def test_a_lanes_bisect_finds_the_shard_the_rule_gives() -> None:

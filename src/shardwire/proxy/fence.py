@@ -351,7 +351,7 @@ class Fences:
             known = client.analyses.get(read_bind(body)[1])
             if known is None:
                 return True
-            analyses = known[0]
+            analyses = known.analyses
         else:
             return True
         # COPY ... FROM names no rule (it is refused unless a shard hint or SET

@@ -84,6 +84,38 @@ def parse_param_types(parse_body: bytes) -> tuple[int, ...]:
     return struct.unpack_from(f"!{count}I", parse_body, q + 3) if count > 0 else ()
 
 
+class Prepared:
+    """A client's prepared statement as the proxy knows it: the analyses of its text, the
+    parameter types its Parse declared, the text, and, once a Bind of it had the commonest
+    layout with its key in a lane, that Bind's `BoundLane`. A Parse of the same name makes
+    a new one, and a reload of the map analyses the text again (server.py)."""
+
+    __slots__ = ("analyses", "param_types", "sql", "bound", "bound_tried")
+
+    def __init__(self, analyses: tuple[Analysis, ...], param_types: tuple[int, ...],
+                 sql: bytes) -> None:
+        self.analyses = analyses
+        self.param_types = param_types
+        self.sql = sql
+        self.bound: BoundLane | None = None
+        self.bound_tried = False  # whether `bound` was looked for (StatementRouter.bound_lane)
+
+
+class BoundLane:
+    """How one router reads the key of a Bind of one prepared statement with the layout
+    libpq and pgbench send: the unnamed portal, no format codes (all text), the key the
+    first value. `head` is what every such Bind starts with, up to the key's length: a
+    client that binds the same statement again is recognised by one `startswith`."""
+
+    __slots__ = ("head", "lane", "digits", "router")
+
+    def __init__(self, head: bytes, lane: _Lane, digits: int, router: StatementRouter) -> None:
+        self.head = head
+        self.lane = lane
+        self.digits = digits
+        self.router = router
+
+
 class StatementRouter:
     """Routes statements for one shard map, caching what does not depend on values."""
 
@@ -300,6 +332,43 @@ class StatementRouter:
             value = lane.read(body, values_at, param_types)
             if value is None:
                 return None
+        bounds = lane.bounds
+        plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
+            lane.plan(value))
+        if plan is None:
+            return None
+        self.last_key = (lane.key_of, value)
+        return plan
+
+    def bound_lane(self, prepared: Prepared, body: bytes, values_at: int) -> BoundLane | None:
+        """The `BoundLane` of a Bind message that `lane_plan` has just planned, when it has
+        the commonest layout (see BoundLane); else None."""
+        analyses = prepared.analyses
+        lane = self._lanes.get(id(analyses[0])) if len(analyses) == 1 else None
+        param_types = prepared.param_types
+        digits = _INT_DIGITS.get(param_types[0] if param_types else 0)
+        if (lane is None or lane.index != 0 or digits is None or body[0] != 0
+                or body[values_at:values_at + 2] != b"\0\0"
+                or _I16.unpack_from(body, values_at + 2)[0] < 1):
+            return None
+        return BoundLane(body[:values_at + 4], lane, digits, self)
+
+    def bound_plan(self, bound: BoundLane, body: bytes) -> SingleShard | None:
+        """`lane_plan` of a Bind message that starts with `bound.head`, read at the place
+        that head fixes; None when `bound` is another map's or the key is not plainly an
+        integer (then the message takes the general path)."""
+        if bound.router is not self:
+            return None
+        at = len(bound.head)
+        try:
+            (length,) = _I32.unpack_from(body, at)
+        except struct.error:
+            return None
+        data = body[at + 4:at + 4 + length]
+        if not 0 < length <= bound.digits or len(data) != length or not data.isdigit():
+            return None
+        value = int(data)
+        lane = bound.lane
         bounds = lane.bounds
         plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
             lane.plan(value))

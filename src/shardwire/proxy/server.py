@@ -22,7 +22,7 @@ from ..merge import MergeError, MergePlan
 from ..rebalancer.heat import Heat
 from ..rebalancer.store import drain_forever as drain_heat
 from ..rebalancer.store import flush_forever as flush_heat
-from ..router.analyze import Analysis, Kind
+from ..router.analyze import Kind
 from ..router.classify import (
     SessionReset,
     replayable_setting,
@@ -76,7 +76,7 @@ from .protocol.framing import (
 )
 from .protocol.relay import ClientStatements
 from .replicas import ReplicaSet, parse_target_setting, plain_read, read_only_begin
-from .routing import StatementRouter, parse_param_types, read_bind
+from .routing import BoundLane, Prepared, StatementRouter, parse_param_types, read_bind
 from .scatter import ScatterRead
 from .workers import WorkerFigures, WorkerRole, config_stamp
 
@@ -181,8 +181,9 @@ class ClientConnection(asyncio.Protocol):
         self.shard_local: str | None = None  # SET LOCAL shardwire.shard
         self.key_session: str | None = None
         self.key_local: str | None = None
-        # Prepared statements: name -> (analyses, parameter types, text).
-        self.analyses: dict[bytes, tuple[tuple[Analysis, ...], tuple[int, ...], bytes]] = {}
+        self.analyses: dict[bytes, Prepared] = {}  # prepared statements by name
+        # The lane of the prepared statement this client bound last (_route_unit).
+        self.bound: BoundLane | None = None
         self.scatter: ScatterRead | None = None  # a read running on several shards
         # A statement for several shards, waiting for the rest of its unit (up to Sync).
         self.multi_unit: list[tuple[int, bytes]] | None = None
@@ -399,18 +400,18 @@ class ClientConnection(asyncio.Protocol):
             else:
                 plan = router.plan_query(sql, proxy.no_context, self._timezone(), lane_tried=True)
         elif kind == _B and _bound_unit(msgs):
-            name_at = 1 if body[0] == 0 else body.index(0) + 1  # mostly the unnamed portal
-            name_end = body.index(0, name_at)
-            known = self.analyses.get(body[name_at:name_end]) if name_end > name_at else None
-            if known is None:
-                self._dispatch(msgs)
-                return
-            laned = router.lane_plan(known[0], known[1], body, name_end + 1)
+            bound = self.bound  # the lane of the statement this client bound last, if any
+            laned = None
+            if bound is not None and body.startswith(bound.head):
+                laned = router.bound_plan(bound, body)
             if laned is not None:
                 plan = laned
             else:
-                plan = router.plan_bind(known[0], known[1], read_bind(body)[2],
-                                        proxy.no_context, self._timezone())
+                planned = self._plan_bound(router, body)
+                if planned is None:
+                    self._dispatch(msgs)
+                    return
+                plan = planned
         else:
             self._dispatch(msgs)
             return
@@ -437,6 +438,29 @@ class ClientConnection(asyncio.Protocol):
                 stats.queries += 1
                 return
         self._dispatch(msgs, plan)
+
+    def _plan_bound(self, router: StatementRouter, body: bytes) -> Plan | None:
+        """The plan of a Bind of a named prepared statement outside transactions, as
+        `_route_unit` takes it, when the client's last statement's lane did not answer;
+        None when the statement is not known here (the server says so)."""
+        name_at = 1 if body[0] == 0 else body.index(0) + 1  # mostly the unnamed portal
+        name_end = body.index(0, name_at)
+        known = self.analyses.get(body[name_at:name_end]) if name_end > name_at else None
+        if known is None:
+            return None
+        bound = known.bound
+        if bound is not None and body.startswith(bound.head):
+            laned = router.bound_plan(bound, body)
+        else:
+            laned = router.lane_plan(known.analyses, known.param_types, body, name_end + 1)
+            if laned is not None and not known.bound_tried:
+                known.bound_tried = True  # asked once: most clients keep one layout
+                bound = known.bound = router.bound_lane(known, body, name_end + 1)
+        if laned is not None:
+            self.bound = bound  # the next Bind of the same statement is found at once
+            return laned
+        return router.plan_bind(known.analyses, known.param_types, read_bind(body)[2],
+                                self.proxy.no_context, self._timezone())
 
     def _send(self, msgs: list[tuple[int, bytes]], raw: bytes | None) -> None:
         self.queries += 1
@@ -718,7 +742,9 @@ class ClientConnection(asyncio.Protocol):
             name_end = body.index(0)
             sql_end = body.index(0, name_end + 1)
             sql = body[name_end + 1:sql_end]
-            self.analyses[body[:name_end]] = (router.prepared(sql), parse_param_types(body), sql)
+            self.analyses[body[:name_end]] = Prepared(router.prepared(sql),
+                                                      parse_param_types(body), sql)
+            self.bound = None
             self._forward((kind, body))
             return True
         if kind == ord("B"):
@@ -727,30 +753,31 @@ class ClientConnection(asyncio.Protocol):
             if known is None:
                 self._forward((kind, body))  # the server says it does not exist
                 return True
-            if self.tx is not None and len(known[0]) == 1 and (
-                    known[0][0].kind is Kind.TRANSACTION):
-                return self._tx_control_bound(known[0][0].words, known[2], (kind, body))
+            analyses = known.analyses
+            if self.tx is not None and len(analyses) == 1 and (
+                    analyses[0].kind is Kind.TRANSACTION):
+                return self._tx_control_bound(analyses[0].words, known.sql, (kind, body))
             if (server is None and self.begin_sql is None
-                    and len(known[0]) == 1 and known[0][0].kind is Kind.TRANSACTION
-                    and known[0][0].words[:1] in (("begin",), ("start",))
-                    and _PLAIN_BEGIN.match(known[2])):
+                    and len(analyses) == 1 and analyses[0].kind is Kind.TRANSACTION
+                    and analyses[0].words[:1] in (("begin",), ("start",))
+                    and _PLAIN_BEGIN.match(known.sql)):
                 if self.batch:
                     # Its Parse, held back: the default shard answers that first (quietly
                     # closed), then this Bind comes again.
                     self._send_batch(self.proxy.config.default_shard, [], quiet=True)
                     self.waiting = self.retry = True
                     return True
-                self._bound_begin(known[2], (kind, body))
+                self._bound_begin(known.sql, (kind, body))
                 return True
-            if self.portal_open and known[0] and known[0][0].kind is Kind.TRANSACTION:
+            if self.portal_open and analyses and analyses[0].kind is Kind.TRANSACTION:
                 self.pipeline_control = True
-            plan = router.plan_bind(known[0], known[1], params, self._context(),
+            plan = router.plan_bind(analyses, known.param_types, params, self._context(),
                                     self._timezone())
             self.heat_key = router.last_key
             if self.tx_router is not None and self.tx_router is not router:
                 old = self.tx_router
                 plan = self._same_map(plan, old.plan_bind(
-                    old.prepared(known[2]), known[1], params, self._context(),
+                    old.prepared(known.sql), known.param_types, params, self._context(),
                     self._timezone()))
             if self.proxy.gate is not None and self.heat_key is not None:
                 plan = self.proxy.gate.throttle(plan, self.heat_key)
@@ -1150,7 +1177,7 @@ class ClientConnection(asyncio.Protocol):
                     return True
             elif kind == _B:
                 known = self.analyses.get(read_bind(body)[1])
-                if known is None or any(a.kind not in _NOT_WRITE_KINDS for a in known[0]):
+                if known is None or any(a.kind not in _NOT_WRITE_KINDS for a in known.analyses):
                     return True
         return False
 
@@ -1313,7 +1340,8 @@ class ClientConnection(asyncio.Protocol):
             sql = body[:-1]
         else:
             _, statement, _ = read_bind(body)
-            _, param_types, sql = self.analyses[statement]
+            known = self.analyses[statement]
+            param_types, sql = known.param_types, known.sql
         analyses = self.proxy.router.prepared(sql)
         a = analyses[0]
         in_transaction = (server is not None and server.link.status != b"I") or (
@@ -1762,7 +1790,7 @@ class ClientConnection(asyncio.Protocol):
             return body[:-1]
         if kind == _B:
             known = self.analyses.get(read_bind(body)[1])
-            return known[2] if known is not None else None
+            return known.sql if known is not None else None
         return None
 
     def _plain_read_message(self, msg: tuple[int, bytes]) -> bool:
@@ -2134,8 +2162,9 @@ class Proxy:
         # Prepared statements were analysed with the old map's rules: analyse them again, so
         # that a map flip (fence.py) reaches them too.
         for client in self.clients:
-            client.analyses = {name: (self.router.prepared(sql), types, sql)
-                               for name, (_, types, sql) in client.analyses.items()}
+            client.analyses = {name: Prepared(self.router.prepared(p.sql), p.param_types, p.sql)
+                               for name, p in client.analyses.items()}
+            client.bound = None
         log.info("configuration reloaded from %s", config.path)
         return []
 
