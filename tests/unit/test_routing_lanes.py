@@ -67,12 +67,20 @@ def test_simple_queries_follow_the_lane_exactly() -> None:
             "99999999999999999999", "-5", "'42'", "'1500'", "42::int", "1.0", "1e3", "NULL"]
     shapes = ["SELECT * FROM accounts WHERE aid = {}", "SELECT * FROM orders WHERE tenant_id = {}",
               "UPDATE accounts SET x = 1 WHERE aid = {}"]
+    laned = 0
     for _ in range(600):
         key = rng.choice(keys + [str(rng.randint(0, 5000))])
         sql = rng.choice(shapes).format(key).encode()
         fresh = routers()[1]
-        same(warm, warm.plan_query(sql, CTX), fresh, fresh.plan_query(sql, CTX))
+        # As the proxy asks: the Query message's lane first (its text and closing NUL).
+        plan = warm.query_lane(sql + b"\0")
+        if plan is None:
+            plan = warm.plan_query(sql, CTX, lane_tried=True)
+        else:
+            laned += 1
+        same(warm, plan, fresh, fresh.plan_query(sql, CTX))
     assert sum(lane is not None for lane in warm._lanes.values()) == 3  # the lanes were taken
+    assert laned > 150
 
 
 def test_bound_parameters_follow_the_lane_exactly() -> None:
@@ -254,17 +262,17 @@ def test_a_query_lane_is_a_statement_on_a_sharded_table() -> None:
     for shape in local:
         for value in (5, 77, 1500):
             router.plan_query(shape % value, CTX)
-        assert router.query_lane(shape % 2500) is None, shape
+        assert router.query_lane(shape % 2500 + b"\0") is None, shape
     sql = b"SELECT * FROM accounts WHERE aid = %d"
     router.plan_query(sql % 1, CTX)
     for value in (7, 999, 1000, 1999, 3000, 123456):
-        plan = router.query_lane(sql % value)
+        plan = router.query_lane(sql % value + b"\0")
         assert plan is not None
         same(router, plan, fresh, fresh.plan_query(sql % value, CTX))
-    assert router.query_lane(sql % 2500) is None  # in no range: the general path says why
+    assert router.query_lane(sql % 2500 + b"\0") is None  # in no range: the general path says why
     for hinted in (b"/* shard: s3 */ SELECT * FROM accounts WHERE aid = %d",
                    b"SELECT * FROM accounts /* shard: s3 */ WHERE aid = %d"):
         for value in (7, 8, 9):  # a hint in a learnt shape: the lane never overrules it
             assert describe(router.plan_query(hinted % value, CTX)) == describe(
                 fresh.plan_query(hinted % value, CTX))
-            assert router.query_lane(hinted % value) is None
+            assert router.query_lane(hinted % value + b"\0") is None

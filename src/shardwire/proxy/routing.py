@@ -19,7 +19,7 @@ from sqlglot import exp
 from ..merge import MergeError, MergePlan, MergeRefused, plan_merge
 from ..router.analyze import Analysis, Eq, Kind, Slot, analyze, fix_comma_params
 from ..router.classify import split_statements
-from ..router.fingerprint import LITERAL_BASE, FingerprintCache, Literal
+from ..router.fingerprint import INTEGER_HEAD, LITERAL_BASE, FingerprintCache, Literal
 from ..router.plan import (
     AnyShard,
     EachStatement,
@@ -133,6 +133,10 @@ class StatementRouter:
         # Statement shapes (simple protocol: normalised text; extended: id of the analysis)
         # routed by an integer key alone, and how (`_Lane`); None: not such a statement.
         self._lanes: dict[bytes | int, _Lane | None] = {}
+        # The simple-protocol shapes with a lane whose one literal is the key, by the first
+        # INTEGER_HEAD bytes of their text (FingerprintCache.integer): (the Query message up
+        # to the key, the message after it, the lane).
+        self._query_lanes: dict[bytes, list[tuple[bytes, bytes, _Lane]]] = {}
         # (rule name, key) of the last statement planned for one shard by its key, else None:
         # the proxy records the key's heat when the statement is answered (rebalancer/heat.py).
         self.last_key: tuple[str, KeyValue] | None = None
@@ -157,28 +161,49 @@ class StatementRouter:
             self._fast_slots.clear()
             self._keep.clear()
             self._lanes.clear()
+            self._query_lanes.clear()
         cache[sql] = result
         return result
 
-    def query_lane(self, sql: bytes) -> SingleShard | None:
-        """The plan of a simple Query of a known shape whose one literal is an integer key
-        with a lane, with no routing context (no shardwire.shard or .key set); None for any
-        other query (then `plan_query`). Such a query is a statement on a sharded table."""
-        integer = self._fingerprint.integer(sql)
-        if integer is None:
+    def query_lane(self, message: bytes) -> SingleShard | None:
+        """The plan of a simple Query (`message`: its text and closing NUL) of a known shape
+        whose one literal is an integer key with a lane, with no routing context (no
+        shardwire.shard or .key set); None for any other query (then `plan_query`). Such a
+        query is a statement on a sharded table. It is the shape's text before the key,
+        ASCII digits and the text after, as `FingerprintCache.integer` tells; the message is
+        read as it is, with no copy of the text."""
+        shapes = self._query_lanes.get(message[:INTEGER_HEAD])
+        if shapes is None:
             return None
-        lane = self._lanes.get(integer[0])  # its index is 0: the only literal
-        text = integer[1]
-        if lane is None or len(text) >= 19:
-            return None
-        value = int(text)
-        bounds = lane.bounds
-        plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
-            lane.plan(value))
-        if plan is not None:
-            self.hits += 1
-            self.last_key = (lane.key_of, value)
-        return plan
+        for before, after, lane in shapes:
+            if message.startswith(before) and message.endswith(after):
+                text = message[len(before):len(message) - len(after)]
+                if len(text) < 19 and text.isdigit():  # ASCII digits: int() reads them
+                    value = int(text)
+                    bounds = lane.bounds
+                    plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
+                        lane.plan(value))
+                    if plan is not None:
+                        self.hits += 1
+                        self.last_key = (lane.key_of, value)
+                    return plan
+        return None
+
+    def _query_lane_for(self, sql: bytes, lane: _Lane) -> None:
+        """Make `query_lane` answer for queries of the shape of `sql`, a one-integer shape
+        (if the fingerprint cache keeps it as one) whose lane is `lane`."""
+        shape = self._fingerprint.integer(sql)
+        if shape is None:
+            return
+        before, after, _ = shape
+        if len(self._query_lanes) >= CACHE_LIMIT:
+            self._query_lanes.clear()
+        shapes = self._query_lanes.setdefault(before[:INTEGER_HEAD], [])
+        entry = (before, after + b"\0", lane)
+        if entry not in shapes:
+            if len(shapes) >= 8:
+                del shapes[0]
+            shapes.append(entry)
 
     def plan_query(self, sql: bytes, ctx: RouteContext, timezone: str = "UTC", *,
                    lane_tried: bool = False) -> Plan:
@@ -186,7 +211,7 @@ class StatementRouter:
         asked `query_lane` already."""
         fingerprint = self._fingerprint
         if not lane_tried and ctx.shard is None and ctx.key is None:
-            laned = self.query_lane(sql)
+            laned = self.query_lane(sql + b"\0")
             if laned is not None:
                 return laned
         known = fingerprint.match(sql)
@@ -203,6 +228,7 @@ class StatementRouter:
                     if plan is not None:
                         self.hits += 1
                         self.last_key = (lane.rule.name, value)
+                        self._query_lane_for(sql, lane)
                         return plan
             found_literals = fingerprint.literals(found, strings)
             printed = None if found_literals is None else (shape, found_literals)
@@ -230,8 +256,10 @@ class StatementRouter:
             fast = self._fast(analyses[0], values)
             if fast is not None:
                 if printed is not None and shape not in self._lanes:
-                    self._lanes[shape] = _lane(analyses[0], self._fast_slots[id(analyses[0])],
-                                               literal=True)
+                    lane = self._lanes[shape] = _lane(
+                        analyses[0], self._fast_slots[id(analyses[0])], literal=True)
+                    if lane is not None:
+                        self._query_lane_for(sql, lane)
                 return fast
         return self._general(analyses, values, ctx)
 

@@ -391,7 +391,7 @@ class ClientConnection(asyncio.Protocol):
             sql = body[:-1]
             # A query with a lane is a statement on a sharded table, never one the proxy may
             # answer itself (_local_query): only the others need that look at their first word.
-            laned = router.query_lane(sql)
+            laned = router.query_lane(body)
             if laned is not None:
                 plan: Plan = laned
             elif sql.lstrip()[:8].lower().startswith(_LOCAL_WORDS):

@@ -527,11 +527,11 @@ _STRING_SLOT = rb"'((?:[^']|'')*)'"
 # patterns to try (the fixed text before it is the same for every query of one shape).
 _FIRST = re.compile(rb"[0-9.']")
 _SHAPES_PER_KEY = 8
-# A shape whose one literal is a plain integer with at least _HEAD bytes before it is also
+# A shape whose one literal is a plain integer with at least INTEGER_HEAD bytes before it is also
 # kept by those first bytes, as (the text before the literal, the text after it): a query
 # that begins and ends with them and has only ASCII digits between is of that shape. Two
 # comparisons and a slice tell, where a pattern match reads the text a byte at a time.
-_HEAD = 16
+INTEGER_HEAD = 16
 
 
 class FingerprintCache:
@@ -545,7 +545,7 @@ class FingerprintCache:
         # Text before the first candidate byte -> the shapes starting so: (pattern, normalised,
         # which groups are strings).
         self._shapes: dict[bytes, list[tuple[re.Pattern[bytes], bytes, tuple[bool, ...]]]] = {}
-        # The first _HEAD bytes -> the shapes with one integer literal after them: (text
+        # The first INTEGER_HEAD bytes -> the shapes with one integer literal after them: (text
         # before the literal, text after it, normalised).
         self._integers: dict[bytes, list[tuple[bytes, bytes, bytes]]] = {}
         self._limit = limit
@@ -570,18 +570,19 @@ class FingerprintCache:
                     return normalised, found, strings
         return None
 
-    def integer(self, sql: bytes) -> tuple[bytes, bytes] | None:
-        """For a known shape whose only literal is a plain integer (`WHERE id = 42`): its
-        normalised text and the literal's digits, as `match` would give them; None for any
-        other query (then `match`). The fixed text on both sides is the same as when the
-        shape was learnt, so the scanner would read the digits between as one literal."""
-        shapes = self._integers.get(sql[:_HEAD])
+    def integer(self, sql: bytes) -> tuple[bytes, bytes, bytes] | None:
+        """For a known shape whose only literal is a plain integer (`WHERE id = 42`): the
+        text before the literal, the text after it and the normalised text, as `match` would
+        give them; None for any other query (then `match`). The query is the text before,
+        ASCII digits, and the text after: the same fixed text on both sides as when the shape
+        was learnt, so the scanner would read the digits between as one literal."""
+        shapes = self._integers.get(sql[:INTEGER_HEAD])
         if shapes is not None:
-            for before, after, normalised in shapes:
+            for shape in shapes:
+                before, after, _ = shape
                 if sql.startswith(before) and sql.endswith(after):
-                    digits = sql[len(before):len(sql) - len(after)]
-                    if digits.isdigit():
-                        return normalised, digits
+                    if sql[len(before):len(sql) - len(after)].isdigit():
+                        return shape
         return None
 
     @staticmethod
@@ -633,8 +634,8 @@ class FingerprintCache:
         shapes.append((re.compile(b"".join(pieces), re.S), printed[0], tuple(strings)))
         if len(spans) == 1:
             start, end = spans[0]
-            if start >= _HEAD and sql[start:end].isdigit():
-                integers = self._integers.setdefault(sql[:_HEAD], [])
+            if start >= INTEGER_HEAD and sql[start:end].isdigit():
+                integers = self._integers.setdefault(sql[:INTEGER_HEAD], [])
                 if len(integers) >= _SHAPES_PER_KEY:
                     del integers[0]
                 integers.append((sql[:start], sql[end:], printed[0]))
