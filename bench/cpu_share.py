@@ -51,6 +51,12 @@ def process_cpu(pid: int, *, with_reaped_children: bool = False) -> float:
     return ticks / _TICKS
 
 
+def server_cpu(postmaster: int) -> float:
+    """CPU seconds of a PostgreSQL server: its postmaster, and its backends, live or reaped."""
+    return process_cpu(postmaster, with_reaped_children=True) + sum(
+        process_cpu(child) for child in children(postmaster))
+
+
 def children(pid: int) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -79,8 +85,7 @@ class CpuShare:
         ours += sum(process_cpu(pid) for pid in self._pids())
         postmaster = self._postmaster()
         if postmaster is not None:
-            ours += process_cpu(postmaster, with_reaped_children=True)
-            ours += sum(process_cpu(child) for child in children(postmaster))
+            ours += server_cpu(postmaster)
         return Sample(time.monotonic(), machine_busy(), ours)
 
     def other_fraction(self, before: Sample, after: Sample) -> float:

@@ -65,7 +65,7 @@ import asyncpg
 import pgbouncer
 import psycopg
 import report
-from cpu_share import children, machine_busy, process_cpu
+from cpu_share import machine_busy, process_cpu, server_cpu
 from direct import FanoutClient, Server, percentile
 from report import (
     max_of,
@@ -381,9 +381,7 @@ class Machine:
         times = os.times()
         ours = times.user + times.system + times.children_user + times.children_system
         ours += sum(process_cpu(pid) for pid in self._proxies())
-        for pid in self._postmasters():
-            ours += process_cpu(pid, with_reaped_children=True)
-            ours += sum(process_cpu(child) for child in children(pid))
+        ours += sum(server_cpu(pid) for pid in self._postmasters())
         return Sample(time.monotonic(), machine_busy(), ours)
 
     def other_fraction(self, before: Sample, after: Sample) -> float | None:

@@ -43,6 +43,7 @@ from typing import Any
 
 import psycopg
 import report
+from cpu_share import machine_busy, process_cpu, server_cpu
 from direct import KeyRange, PointResult, Server, point_queries
 from pgbench_run import PgbenchResult, Target, initialise, run_select_only, warm_up
 from report import Workload, ms, num, percent, round3, table_markdown, table_text, write_json
@@ -84,8 +85,38 @@ PROTOCOLS = ("simple", "prepared")
 
 
 @dataclass(frozen=True, slots=True)
+class Cpu:
+    """CPU time per transaction of one pgbench run, in µs: the proxy's, its servers' (their
+    postmasters and backends), and the whole machine's (every process, all cores)."""
+
+    proxy: float | None
+    servers: float | None
+    machine: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Setup:
+    """Where a setup's CPU time is counted: its proxy and its servers' postmasters."""
+
+    proxy: int
+    servers: tuple[PostgresCluster, ...]
+
+    def cpu(self) -> tuple[float, float, float]:
+        """CPU seconds so far: the proxy's, the servers', the machine's."""
+        postmasters = (report.postmaster_pid(c) for c in self.servers)
+        return (process_cpu(self.proxy), sum(server_cpu(p) for p in postmasters if p),
+                machine_busy())
+
+
+@dataclass(frozen=True, slots=True)
 class Row(report.Row):
     """One workload's results; the targets here are the two setups."""
+
+    cpu: tuple[Mapping[str, Cpu], ...] = ()  # one {setup: CPU per transaction} per round
+
+    def cpu_us(self, setup: str, part: str) -> float | None:
+        """Median over the rounds of `part` (proxy, servers, machine) of `setup`'s CPU."""
+        return report.median_of(getattr(r[setup], part) for r in self.cpu)
 
     def tps_ratio(self, setup: str) -> float | None:
         """``setup`` ÷ one-shard TPS, within each round, then the median."""
@@ -232,10 +263,15 @@ def main() -> int:
                 KeyRange(servers[s2], SPLIT, ACCOUNTS + 1),
             ],
         }
-        results, direct = _run_rounds(
-            targets, ranges, seconds=seconds, rounds=rounds, logs=workdir / "logs"
+        setups = {
+            ONE_SHARD: Setup(one.proc.pid, (single,)),
+            ROUTED: Setup(routed.proc.pid, (single,)),
+            SHARDED: Setup(sharded.proc.pid, (s1, s2)),
+        }
+        results, cpu, direct = _run_rounds(
+            targets, setups, ranges, seconds=seconds, rounds=rounds, logs=workdir / "logs"
         )
-        rows = [Row(w, tuple(results[w])) for w in WORKLOADS]
+        rows = [Row(w, tuple(results[w]), tuple(cpu[w])) for w in WORKLOADS]
         direct_rows = [DirectRow(p, tuple(direct[p])) for p in PROTOCOLS]
         route_after = _show_route(targets[SHARDED])
         route_line = (
@@ -249,6 +285,8 @@ def main() -> int:
         notes = _notes(rows, proxies)
 
         print(table_text(HEADERS, [cells(r) for r in rows], right=range(1, 7)))
+        print()
+        print(table_text(CPU_HEADERS, [cpu_cells(r) for r in rows], right=range(2, 5)))
         print()
         print(
             table_text(DIRECT_HEADERS, [direct_cells(r) for r in direct_rows], right=range(1, 10))
@@ -330,14 +368,20 @@ def _route_text(route: Mapping[str, str]) -> str:
 
 def _run_rounds(
     targets: Mapping[str, Target],
+    setups: Mapping[str, Setup],
     ranges: Mapping[str, Sequence[KeyRange]],
     *,
     seconds: int,
     rounds: int,
     logs: Path,
-) -> tuple[dict[Workload, list[dict[str, PgbenchResult]]], dict[str, list[dict[str, PointResult]]]]:
-    """Every workload against every setup, then the direct runs of each protocol against
-    each set of servers, round after round, the order rotating."""
+) -> tuple[
+    dict[Workload, list[dict[str, PgbenchResult]]],
+    dict[Workload, list[dict[str, Cpu]]],
+    dict[str, list[dict[str, PointResult]]],
+]:
+    """Every workload against every setup (with the CPU time each run took), then the
+    direct runs of each protocol against each set of servers, round after round, the
+    order rotating."""
     warm_up([targets[name] for name in SETUPS], seconds=min(seconds, WARMUP_SECONDS),
             log_dir=logs, user=USER, database=DATABASE)  # fmt: skip
     for name in DIRECT_SETUPS:
@@ -345,6 +389,7 @@ def _run_rounds(
         point_queries(ranges[name], protocol="prepared", seconds=min(seconds, WARMUP_SECONDS),
                       user=USER, database=DATABASE)  # fmt: skip
     results: dict[Workload, list[dict[str, PgbenchResult]]] = {w: [] for w in WORKLOADS}
+    cpu: dict[Workload, list[dict[str, Cpu]]] = {w: [] for w in WORKLOADS}
     direct: dict[str, list[dict[str, PointResult]]] = {p: [] for p in PROTOCOLS}
     progress = report.Progress(
         rounds * (len(WORKLOADS) * len(SETUPS) + len(PROTOCOLS) * len(DIRECT_SETUPS))
@@ -352,7 +397,9 @@ def _run_rounds(
     for number in range(rounds):
         for index, workload in enumerate(WORKLOADS):
             this_round: dict[str, PgbenchResult] = {}
+            this_cpu: dict[str, Cpu] = {}
             for name in report.rotate(SETUPS, number + index):
+                before = setups[name].cpu()
                 result = run_select_only(
                     targets[name],
                     protocol=workload.protocol,
@@ -364,11 +411,13 @@ def _run_rounds(
                     tag=f"r{number + 1}-{workload.protocol}-c{workload.clients}-{name}",
                 )
                 this_round[name] = result
+                this_cpu[name] = _per_transaction(before, setups[name].cpu(), result)
                 progress(
                     f"round {number + 1} {workload.protocol} c{workload.clients} {name}: "
                     + _brief(name, result)
                 )
             results[workload].append(this_round)
+            cpu[workload].append(this_cpu)
         for index, protocol in enumerate(PROTOCOLS):
             points: dict[str, PointResult] = {}
             for name in report.rotate(DIRECT_SETUPS, number + index):
@@ -379,7 +428,16 @@ def _run_rounds(
                     f"round {number + 1} direct {protocol} c1 {name}: " + _point_brief(points[name])
                 )
             direct[protocol].append(points)
-    return results, direct
+    return results, cpu, direct
+
+
+def _per_transaction(before: tuple[float, float, float], after: tuple[float, float, float],
+                     result: PgbenchResult) -> Cpu:
+    if not result.transactions:
+        return Cpu(None, None, None)
+    proxy, servers, machine = ((b - a) * 1e6 / result.transactions
+                               for a, b in zip(before, after, strict=True))
+    return Cpu(proxy, servers, machine)
 
 
 def _point_brief(result: PointResult) -> str:
@@ -465,6 +523,21 @@ def cells(row: Row) -> list[str]:
     ]
 
 
+CPU_HEADERS = (
+    "protocol", "clients", "proxy µs one/routed/sharded", "servers µs one/routed/sharded",
+    "machine µs one/routed/sharded",
+)  # fmt: skip
+
+
+def cpu_cells(row: Row) -> list[str]:
+    return [
+        row.workload.protocol,
+        str(row.workload.clients),
+        *(" / ".join(num(row.cpu_us(s, part), 1) for s in SETUPS)
+          for part in ("proxy", "servers", "machine")),
+    ]
+
+
 DIRECT_HEADERS = (
     "protocol", "queries/s single", "queries/s s1", "queries/s s1+s2",
     "p50 ms single / s1 / s1+s2", "p99 ms single / s1 / s1+s2", "s1+s2 ÷ single p50",
@@ -519,6 +592,11 @@ def json_rows(rows: Sequence[Row]) -> list[dict[str, Any]]:
             "sharded_tps": round3(row.tps(SHARDED)),
             "routed_ratio": round3(row.routed_ratio),
             "ratio": round3(row.ratio),
+            "cpu_us_per_transaction": {
+                setup: {part: round3(row.cpu_us(setup, part))
+                        for part in ("proxy", "servers", "machine")}
+                for setup in SETUPS
+            },
         }
         for row in rows
     ]
@@ -562,6 +640,13 @@ def markdown_section(
         "transactions, aborted clients and non-zero exits over all rounds.",
         "",
         table_markdown(HEADERS, [cells(r) for r in rows], text=(0, len(HEADERS) - 1)),
+        "",
+        "CPU time per transaction in the same runs, in µs (from /proc, medians over the "
+        "rounds): the proxy's; its servers' (postmasters and backends; sharded: s1 and s2 "
+        "together); the whole machine's, every process on all cores, pgbench included. "
+        "Where the machine is the limit, TPS goes as the inverse of the last column.",
+        "",
+        table_markdown(CPU_HEADERS, [cpu_cells(r) for r in rows], text=(0,)),
         "",
         "Direct, no proxy: one Python client (psycopg "
         f"{psycopg.__version__}, one query after the other, BENCH_SECONDS per run, in the same "
