@@ -12,7 +12,7 @@ import struct
 import timeit
 
 from shardwire.config.load import parse_config
-from shardwire.proxy.routing import BindValues, StatementRouter, read_bind
+from shardwire.proxy.routing import BindValues, Prepared, StatementRouter, read_bind
 from shardwire.router.route import RouteContext
 
 CONFIG = """
@@ -75,10 +75,19 @@ def main() -> None:
         if router.lane_plan(analyses, (23,), body, values_at) is None:
             router.plan_bind(analyses, (23,), read_bind(body)[2], ctx)
 
+    statement = Prepared(analyses, (), b"SELECT abalance FROM pgbench_accounts WHERE aid = $1;")
+
     def bound_text() -> None:
+        # A client binding the same statement again, as pgbench does: its BoundLane knows
+        # the message by its first bytes and reads the key where it lies.
         body = next(text_bodies)
+        bound = statement.bound
+        if bound is not None and router.bound_plan(bound, body) is not None:
+            return
         if router.lane_plan(analyses, (), body, values_at) is None:
             router.plan_bind(analyses, (), read_bind(body)[2], ctx)
+        else:
+            statement.bound = router.bound_lane(statement, body, values_at)
 
     for name, fn in (("simple (fingerprint + route)", simple),
                      ("prepared (bind + route)", prepared),

@@ -334,38 +334,18 @@ class StatementRouter:
     def lane_plan(self, analyses: Sequence[Analysis], param_types: Sequence[int], body: bytes,
                   values_at: int) -> SingleShard | None:
         """The plan of a Bind message (parameter formats from `values_at` on) of a statement
-        whose shape has a lane, read straight from the message, with no routing context (no
-        shardwire.shard or .key set); None when there is no lane or its parameter is not
-        plainly an integer: then `plan_bind` of the message read whole. Most Binds of a
-        sharded setup come here: the commonest layout (no format codes, the key first, as
-        libpq and pgbench send it) is read with one unpack, and a range rule's bisect is
-        done in place."""
+        whose shape has a lane, its key read straight from the message for any layout
+        (`_Lane.read`), with no routing context (no shardwire.shard or .key set); None when
+        there is no lane or its parameter is not plainly an integer: then `plan_bind` of the
+        message read whole. A client that binds the same statement again with the commonest
+        layout takes `bound_plan` instead."""
         lane = self._lanes.get(id(analyses[0])) if len(analyses) == 1 else None
         if lane is None:
             return None
-        value: int | None
-        if lane.index == 0 and body[values_at:values_at + 2] == b"\0\0":
-            try:
-                nvalues, length = _I16_I32.unpack_from(body, values_at + 2)
-            except struct.error:
-                return None
-            at = values_at + 8
-            digits = _INT_DIGITS.get(param_types[0] if param_types else 0)
-            data = body[at:at + length]
-            if (nvalues < 1 or digits is None or not 0 < length <= digits
-                    or len(data) != length or not data.isdigit()):
-                return None
-            value = int(data)
-        else:
-            value = lane.read(body, values_at, param_types)
-            if value is None:
-                return None
-        bounds = lane.bounds
-        plan = lane.slots[bisect_right(bounds, value)] if bounds is not None else (
-            lane.plan(value))
-        if plan is None:
-            return None
-        self.last_key = (lane.key_of, value)
+        value = lane.read(body, values_at, param_types)
+        plan = None if value is None else lane.plan(value)
+        if plan is not None:
+            self.last_key = (lane.key_of, value)
         return plan
 
     def bound_lane(self, prepared: Prepared, body: bytes, values_at: int) -> BoundLane | None:
