@@ -21,6 +21,7 @@ import psycopg
 import pytest
 from conftest import APP_PASSWORD, PROXY_ENV, MakeProxy, on_shard
 
+from shardwire.rebalancer.move import STEPS
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
 
@@ -256,7 +257,7 @@ def test_a_tenant_moves_online_and_no_acknowledged_write_is_lost_or_doubled(
     assert max(moving) < 5
 
 
-@pytest.mark.parametrize("step", ["streaming", "fenced", "flipped", "released"])
+@pytest.mark.parametrize("step", STEPS)
 def test_apply_killed_at_a_step_resumes_when_run_again(
         make_proxy: MakeProxy, shards: list[PostgresCluster], tables: Tables,
         step: str) -> None:

@@ -112,7 +112,7 @@ async def apply_moves(config: Config, data: Mapping[str, Any]) -> tuple[int, lis
     try:
         mover = Mover(config, catalog)
         for row in await mover.running():
-            await mover.run(state_from_row(row, config))
+            await mover.run(state_from_row(row, config), resumed=True)
             done += 1
             if mover.pause is not None:
                 pauses.append(mover.pause)

@@ -266,6 +266,7 @@ class Mover:
             "step) VALUES ($1, $2, $3, $4, $5, $6, $7, 'started') RETURNING *",
             plan_move, rule.name, rule.kind.value, draft.keys_json(), source, target,
             self.config.path or "")
+        fault("started")
         return state_from_row(row, self.config)
 
     async def directory_shards(self, rule: Rule, keys: Sequence[KeyValue]
@@ -282,13 +283,14 @@ class Mover:
 
     # -- running a move --------------------------------------------------------------------
 
-    async def run(self, move: MoveState) -> None:
-        """Take a move from wherever it is to done."""
+    async def run(self, move: MoveState, *, resumed: bool = False) -> None:
+        """Take a move from wherever it is to done (`resumed`: one an earlier `apply` left
+        unfinished)."""
         src = await connect(self.config.shards[move.source].primary)
         dst = await connect(self.config.shards[move.target].primary)
         try:
             if move.step in PRE_FLIP:
-                if move.step != "started":
+                if resumed:
                     self.say(f"{move.describe()}: resuming from step {move.step}")
                 await self._release_fences(move)
                 try:
