@@ -7,19 +7,18 @@ may stay on the old one, and the proxy must route the tenant to the new shard. T
 from __future__ import annotations
 
 import os
-import random
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import APP_PASSWORD, PROXY_ENV, MakeProxy, on_shard
+from writers import KeyWriter
 
 from shardwire.rebalancer.move import STEPS
 from shardwire.testing import PostgresCluster
@@ -137,62 +136,10 @@ def rebalance(proxy: ProxyProcess, *args: str, fault: str | None = None
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-@dataclass
-class Writer:
-    """Inserts and updates rows of every tenant through the proxy, one statement per
-    transaction, and remembers what the proxy acknowledged."""
-
-    dsn: str
-    table: str
-    acked: dict[tuple[int, int], int] = field(default_factory=dict)
-    latencies: dict[int, list[float]] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def __post_init__(self) -> None:
-        self.next_id = {t: ROWS for t in [MOVING, *OTHERS]}
-        for t in [MOVING, *OTHERS]:
-            for i in range(ROWS):
-                self.acked[(t, i)] = 0
-
-    def run(self) -> None:
-        rnd = random.Random(6)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self.stop.is_set():
-                tenant = MOVING if rnd.random() < 0.5 else rnd.choice(OTHERS)
-                started = time.monotonic()
-                try:
-                    if rnd.random() < 0.5:
-                        i = self.next_id[tenant]
-                        conn.execute(f"INSERT INTO {self.table} (tenant_id, id, v) "
-                                     "VALUES (%s, %s, %s)", (tenant, i, 1))
-                        self.next_id[tenant] = i + 1
-                        self.acked[(tenant, i)] = 1
-                    else:
-                        i = rnd.randrange(self.next_id[tenant])
-                        value = rnd.randrange(1, 1_000_000)
-                        cur = conn.execute(f"UPDATE {self.table} SET v = %s WHERE tenant_id = "
-                                           "%s AND id = %s", (value, tenant, i))
-                        if cur.rowcount != 1:
-                            self.errors.append(f"update of {(tenant, i)} hit {cur.rowcount}")
-                        self.acked[(tenant, i)] = value
-                except psycopg.Error as e:
-                    self.errors.append(f"{tenant}: {e.sqlstate} {e}")
-                self.latencies.setdefault(tenant, []).append(time.monotonic() - started)
-                time.sleep(0.002)
-
-    def __enter__(self) -> Writer:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.5)  # writes after the move, too
-        self.stop.set()
-        assert self.thread is not None
-        self.thread.join(30)
+def tenant_writer(dsn: str, table: str) -> KeyWriter:
+    """Inserts and updates rows of every tenant (the rows from before too) through the
+    proxy, half of them of the moving tenant."""
+    return KeyWriter(dsn, table, "tenant_id", [MOVING], OTHERS, first_id=ROWS, existing=ROWS)
 
 
 def p99(values: list[float]) -> float:
@@ -201,7 +148,7 @@ def p99(values: list[float]) -> float:
 
 
 def check_moved(shards: list[PostgresCluster], proxy: ProxyProcess, t: Tables,
-                writer: Writer) -> None:
+                writer: KeyWriter) -> None:
     s1, s2 = shards[0], shards[1]
     assert not writer.errors, writer.errors[:5]
     for tenant, shard, gone in ((MOVING, s2, s1), (2, s1, s2), (3, s2, s1)):
@@ -241,7 +188,7 @@ def check_moved(shards: list[PostgresCluster], proxy: ProxyProcess, t: Tables,
 def test_a_tenant_moves_online_and_no_acknowledged_write_is_lost_or_doubled(
         make_proxy: MakeProxy, shards: list[PostgresCluster], tables: Tables) -> None:
     proxy = start_proxy(make_proxy, shards, tables)
-    with Writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
+    with tenant_writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
         done = rebalance(proxy, "apply", "--move", "by_tenant:1:s2")
         assert done.returncode == 0, done.stdout + done.stderr
     assert "1 move(s) done" in done.stdout
@@ -262,7 +209,7 @@ def test_apply_killed_at_a_step_resumes_when_run_again(
         make_proxy: MakeProxy, shards: list[PostgresCluster], tables: Tables,
         step: str) -> None:
     proxy = start_proxy(make_proxy, shards, tables)
-    with Writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
+    with tenant_writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
         killed = rebalance(proxy, "apply", "--move", "by_tenant:1:s2", fault=step)
         assert killed.returncode == -9, killed.stdout + killed.stderr
         assert on_shard_db(shards[0], CATALOG, "SELECT step FROM shardwire_moves") == [
@@ -323,7 +270,7 @@ def test_abort_before_the_flip_leaves_the_source_intact(
         make_proxy: MakeProxy, shards: list[PostgresCluster], tables: Tables) -> None:
     proxy = start_proxy(make_proxy, shards, tables)
     s1, s2 = shards[0], shards[1]
-    with Writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
+    with tenant_writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
         killed = rebalance(proxy, "apply", "--move", "by_tenant:1:s2", fault="fenced")
         assert killed.returncode == -9
         aborted = rebalance(proxy, "abort")
@@ -469,7 +416,7 @@ def test_the_write_pause_does_not_grow_with_the_data(
            f"repeat('x', 100) FROM generate_series(1, {rows}) g", dbname="app")
     proxy = start_proxy(make_proxy, shards, tables)
     started = time.monotonic()
-    with Writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
+    with tenant_writer(proxy.dsn("app", APP_PASSWORD), tables.orders) as writer:
         done = rebalance(proxy, "apply", "--move", "by_tenant:1:s2")
         assert done.returncode == 0, done.stdout + done.stderr
     took = time.monotonic() - started

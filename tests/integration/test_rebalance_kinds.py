@@ -8,87 +8,23 @@ rule's table does not slip past the fence."""
 
 from __future__ import annotations
 
-import random
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
 import pytest
 from conftest import APP_PASSWORD, MakeProxy, on_shard
 from test_rebalance_apply import CATALOG, _cleanup, on_shard_db, rebalance, wait_registered
+from writers import KeyWriter
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
 
 ROWS = 200  # rows per key before the move
 CONFIG_COMMENT = "# operator's note: keep me\n"
-
-
-@dataclass
-class KeyWriter:
-    """Inserts and updates rows of `keys` through one proxy, one statement per transaction,
-    half of them on the moving keys, and remembers what the proxy acknowledged. Row ids from
-    `first_id` on are this writer's own (several writers may share the keys)."""
-
-    dsn: str
-    table: str
-    column: str
-    moving: list[int]
-    others: list[int]
-    first_id: int = ROWS
-    acked: dict[tuple[int, int], int] = field(default_factory=dict)
-    latencies: list[float] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    stop: threading.Event = field(default_factory=threading.Event)
-    thread: threading.Thread | None = None
-
-    def __post_init__(self) -> None:
-        self.next_id = {k: self.first_id for k in self.moving + self.others}
-        self.mine = {k: [] for k in self.moving + self.others}  # type: dict[int, list[int]]
-
-    def run(self) -> None:
-        rnd = random.Random(self.first_id)
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self.stop.is_set():
-                key = rnd.choice(self.moving if rnd.random() < 0.5 else self.others)
-                started = time.monotonic()
-                try:
-                    if rnd.random() < 0.5 or not self.mine[key]:
-                        i = self.next_id[key]
-                        conn.execute(f"INSERT INTO {self.table} ({self.column}, id, v) "
-                                     "VALUES (%s, %s, %s)", (key, i, 1))
-                        self.next_id[key] = i + 1
-                        self.mine[key].append(i)
-                        self.acked[(key, i)] = 1
-                    else:
-                        i = rnd.choice(self.mine[key])
-                        value = rnd.randrange(2, 1_000_000)
-                        cur = conn.execute(f"UPDATE {self.table} SET v = %s WHERE "
-                                           f"{self.column} = %s AND id = %s", (value, key, i))
-                        if cur.rowcount != 1:
-                            self.errors.append(f"update of {(key, i)} hit {cur.rowcount}")
-                        self.acked[(key, i)] = value
-                except psycopg.Error as e:
-                    self.errors.append(f"{key}: {e.sqlstate} {e}")
-                if key in self.moving:
-                    self.latencies.append(time.monotonic() - started)
-                time.sleep(0.002)
-
-    def __enter__(self) -> KeyWriter:
-        self.thread = threading.Thread(target=self.run, daemon=True)
-        self.thread.start()
-        time.sleep(0.5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        time.sleep(0.5)  # writes after the move, too
-        self.stop.set()
-        assert self.thread is not None
-        self.thread.join(30)
 
 
 def check_invariant(shards: list[PostgresCluster], table: str, column: str,
@@ -209,15 +145,15 @@ def test_lookup_keys_move_online_and_no_acknowledged_write_is_lost_or_doubled(
     proxy = start(make_proxy, shards, lookup_rule(lookup_table))
     before = proxy.config_path.read_text()
     with KeyWriter(proxy.dsn("app", APP_PASSWORD), lookup_table, "user_id", LOOKUP_MOVING,
-                   LOOKUP_OTHERS) as writer:
+                   LOOKUP_OTHERS, first_id=ROWS) as writer:
         # The keys are found in the directory (no `from` given).
         done = rebalance(proxy, "apply", "--move", "moving:1,2:s2")
         assert done.returncode == 0, done.stdout + done.stderr
     assert "1 move(s) done" in done.stdout and "rows verified" in done.stderr, done.stderr
     check_lookup_moved(shards, proxy, lookup_table, [writer], before)
     print(f"lookup move: {done.stdout.strip()}; longest write of a moving key "
-          f"{max(writer.latencies) * 1000:.0f} ms over {len(writer.latencies)}")
-    assert max(writer.latencies) < 5
+          f"{max(writer.moving_latencies()) * 1000:.0f} ms over {len(writer.moving_latencies())}")
+    assert max(writer.moving_latencies()) < 5
     again = rebalance(proxy, "apply", "--move", "moving:1,2:s2")
     assert again.returncode == 0 and "already done" in again.stderr, again.stderr
 
@@ -229,7 +165,7 @@ def test_a_lookup_move_killed_at_a_step_resumes(
     proxy = start(make_proxy, shards, lookup_rule(lookup_table))
     before = proxy.config_path.read_text()
     with KeyWriter(proxy.dsn("app", APP_PASSWORD), lookup_table, "user_id", LOOKUP_MOVING,
-                   LOOKUP_OTHERS) as writer:
+                   LOOKUP_OTHERS, first_id=ROWS) as writer:
         killed = rebalance(proxy, "apply", "--move", "moving:1,2:s2", fault=step)
         assert killed.returncode == -9, killed.stdout + killed.stderr
         again = rebalance(proxy, "apply", "--move", "moving:1,2:s2")
@@ -307,14 +243,14 @@ def test_a_range_splits_and_its_upper_half_moves_online(
         make_proxy: MakeProxy, shards: list[PostgresCluster], range_table: str) -> None:
     proxy = start(make_proxy, shards, range_rule(range_table))
     with KeyWriter(proxy.dsn("app", APP_PASSWORD), range_table, "k", RANGE_MOVING,
-                   RANGE_OTHERS) as writer:
+                   RANGE_OTHERS, first_id=ROWS) as writer:
         done = rebalance(proxy, "apply", "--move", "moving:500..:s2")
         assert done.returncode == 0, done.stdout + done.stderr
     assert "1 move(s) done" in done.stdout and "rows verified" in done.stderr, done.stderr
     check_range_moved(shards, proxy, range_table, [writer])
     print(f"range split: {done.stdout.strip()}; longest write of a moving key "
-          f"{max(writer.latencies) * 1000:.0f} ms over {len(writer.latencies)}")
-    assert max(writer.latencies) < 5
+          f"{max(writer.moving_latencies()) * 1000:.0f} ms over {len(writer.moving_latencies())}")
+    assert max(writer.moving_latencies()) < 5
     again = rebalance(proxy, "apply", "--move", "moving:500..:s2")
     assert again.returncode == 0 and "already done" in again.stderr, again.stderr
 
@@ -325,7 +261,7 @@ def test_a_range_split_killed_at_a_step_resumes(
         step: str) -> None:
     proxy = start(make_proxy, shards, range_rule(range_table))
     with KeyWriter(proxy.dsn("app", APP_PASSWORD), range_table, "k", RANGE_MOVING,
-                   RANGE_OTHERS) as writer:
+                   RANGE_OTHERS, first_id=ROWS) as writer:
         killed = rebalance(proxy, "apply", "--move", "moving:500..:s2", fault=step)
         assert killed.returncode == -9, killed.stdout + killed.stderr
         again = rebalance(proxy, "apply", "--move", "moving:500..:s2")

@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from conftest import APP_PASSWORD, MakeProxy, on_shard
 from test_rebalance_apply import CATALOG, _cleanup, on_shard_db, rebalance
-from test_rebalance_kinds import ROWS, KeyWriter, check_invariant, nothing_left
+from test_rebalance_kinds import ROWS, check_invariant, nothing_left
+from writers import KeyWriter
 
 from shardwire.testing import PostgresCluster
 from shardwire.testing.proxy import ProxyProcess
@@ -76,7 +77,7 @@ def test_a_move_with_two_proxies_loses_and_doubles_nothing(
         done = rebalance(first, "apply", "--move", "by_tenant:1:s2")
         assert done.returncode == 0, done.stdout + done.stderr
     print(f"two proxies: {done.stdout.strip()}; longest write of the moving tenant "
-          f"{max(a.latencies + b.latencies) * 1000:.0f} ms")
+          f"{max(a.moving_latencies() + b.moving_latencies()) * 1000:.0f} ms")
     assert a.acked and b.acked
     assert any(k[0] == 1 and k[1] >= 100_000 for k in b.acked), "no write of the moving " \
         "tenant through the second proxy"
