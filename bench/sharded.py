@@ -19,6 +19,11 @@ the sharded proxy routes. pgbench talks to one server only, so it cannot alterna
 answers whether alternating between two servers costs this machine per-query latency by
 itself, before any proxy.
 
+Each pgbench run also records, from /proc, the CPU time it took per transaction: the proxy's,
+its servers' (postmasters and backends) and the whole machine's. Where the machine is the
+limit, TPS goes as the inverse of the last, and the servers' figures show what a second
+server costs the machine with no proxy code involved.
+
 Usage: ``.venv/bin/python bench/sharded.py``. Environment: BENCH_SECONDS (length of one
 pgbench run, default 10), BENCH_ROUNDS (default 3), BENCH_KEEP=1 to keep the work directory.
 
