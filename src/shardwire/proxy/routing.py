@@ -191,13 +191,13 @@ class StatementRouter:
 
     def _query_lane_for(self, sql: bytes, lane: _Lane) -> None:
         """Make `query_lane` answer for queries of the shape of `sql`, a one-integer shape
-        (if the fingerprint cache keeps it as one) whose lane is `lane`."""
+        (if the fingerprint cache keeps it as one) whose lane, `lane`, was just made. Kept
+        as long as the lanes are (cleared with them); a shape it does not keep takes
+        `plan_query`'s pattern match, as any shape with more than one literal does."""
         shape = self._fingerprint.integer(sql)
         if shape is None:
             return
         before, after, _ = shape
-        if len(self._query_lanes) >= CACHE_LIMIT:
-            self._query_lanes.clear()
         shapes = self._query_lanes.setdefault(before[:INTEGER_HEAD], [])
         entry = (before, after + b"\0", lane)
         if entry not in shapes:
@@ -228,7 +228,6 @@ class StatementRouter:
                     if plan is not None:
                         self.hits += 1
                         self.last_key = (lane.rule.name, value)
-                        self._query_lane_for(sql, lane)
                         return plan
             found_literals = fingerprint.literals(found, strings)
             printed = None if found_literals is None else (shape, found_literals)
